@@ -174,7 +174,7 @@ class HeaderFlag(IntFlag):
 
 #: Bits 0-1 hold the version; everything above NEED_REPLY is reserved.
 HEADER_VERSION_MASK: Final = 0x3
-HEADER_KNOWN_FLAGS: Final = 0x3 | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY
+HEADER_KNOWN_FLAGS: Final[int] = 0x3 | 0x4 | 0x8
 
 
 class ProtocolFeature(IntFlag):

@@ -1,0 +1,151 @@
+"""The ``trio-vhost`` command line: serve an example device, or check the install."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from .devices.blk import BlkDevice
+from .server import serve
+
+__all__ = ["main"]
+
+LOGGER = logging.getLogger("trio_vhost.cli")
+
+_SIZE: Final = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 1."""
+
+
+def parse_size(text: str) -> int:
+    """Parse ``128M``/``1G``/``4096`` into bytes; a multiple of 512 and at least 512."""
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise CliError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix")
+    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if size < 512 or size % 512:
+        raise CliError(f"bad size {text!r}: must be a positive multiple of 512 bytes")
+    return size
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-vhost", description="vhost-user backends written in Python on trio."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    blk = commands.add_parser("blk", help="serve a virtio-blk device backed by a raw image")
+    blk.add_argument("--socket", required=True, help="unix socket path to listen on")
+    blk.add_argument("--image", required=True, help="raw image file")
+    blk.add_argument("--read-only", action="store_true", help="refuse guest writes")
+    blk.add_argument(
+        "--queues",
+        type=int,
+        default=max(os.cpu_count() or 1, 2),
+        help="request queues offered (default: at least the CPU count)",
+    )
+    blk.add_argument("--serial", default="trio-vhost", help="device ID string (<= 20 bytes)")
+    blk.add_argument(
+        "--create",
+        metavar="SIZE",
+        help="create the image (sparse) with this size if it does not exist",
+    )
+
+    commands.add_parser(
+        "selfcheck", help="serve the example devices and drive them with the built-in frontend"
+    )
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        verbosity, logging.DEBUG if verbosity > 0 else logging.CRITICAL
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _open_image(path: str, *, read_only: bool, create: str | None) -> int:
+    if create is not None:
+        size = parse_size(create)
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, size)
+            os.close(fd)
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise CliError(f"cannot open image {path}: {exc.strerror}") from exc
+    if os.fstat(fd).st_size < 512:
+        os.close(fd)
+        raise CliError(f"image {path} is smaller than one 512-byte sector")
+    return fd
+
+
+async def _serve_until_signal(device: BlkDevice, path: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, device, path)
+            LOGGER.info("serving virtio-blk on %s", path)
+            async for signum in signals:
+                LOGGER.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _run_blk(args: argparse.Namespace) -> int:
+    if args.queues < 1:
+        raise CliError("--queues must be at least 1")
+    fd = _open_image(args.image, read_only=args.read_only, create=args.create)
+    try:
+        device = BlkDevice(fd, read_only=args.read_only, num_queues=args.queues, serial=args.serial)
+    except ValueError as exc:
+        os.close(fd)
+        raise CliError(str(exc)) from exc
+    try:
+        trio.run(_serve_until_signal, device, args.socket)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(f"socket {args.socket} is already in use by a live server") from exc
+        raise CliError(f"cannot serve on {args.socket}: {exc.strerror or exc}") from exc
+    finally:
+        if not args.read_only:
+            os.fdatasync(fd)
+        os.close(fd)
+    return 0
+
+
+def _run_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import run_selfcheck
+
+    return trio.run(run_selfcheck)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose - args.quiet)
+    runners = {"blk": _run_blk, "selfcheck": _run_selfcheck}
+    try:
+        return runners[args.command](args)
+    except CliError as exc:
+        print(f"trio-vhost: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

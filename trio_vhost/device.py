@@ -1,0 +1,152 @@
+"""The device API: what a virtio device written with trio_vhost implements.
+
+:class:`Device` is the Python twin of crosvm's ``Backend`` trait, seen from the device's
+side: the server owns the protocol, the memory table and the rings, and calls the device
+only for what is device-specific. Every method has a default, so a device implements only
+what it needs; an optional request the device leaves alone is answered with
+:class:`~trio_vhost.errors.UnsupportedRequest` (NACKed when REPLY_ACK is negotiated).
+
+Data path: a worker pops a batch of descriptor chains from one queue and calls
+:meth:`Device.process_batch` (synchronous, the fast path) or, when the device overrides
+:meth:`Device.process_batch_async`, awaits it (for devices that wait on I/O). Either
+returns one ``(head, bytes_written)`` completion per chain it finished; a chain that is
+not returned stays in flight until a later call returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from .errors import UnsupportedRequest
+from .proto.constants import ProtocolFeature, VirtioFeature
+
+if TYPE_CHECKING:
+    from .mem.table import MemoryTable
+    from .vring.chain import DescriptorChain
+
+__all__ = ["Completion", "Device", "QueueContext"]
+
+LOGGER = logging.getLogger(__name__)
+
+#: One finished chain: its head index and how many bytes the device wrote into it.
+Completion = tuple[int, int]
+
+#: Transport features the library itself implements for every device.
+LIBRARY_FEATURES = (
+    VirtioFeature.VERSION_1
+    | VirtioFeature.PROTOCOL_FEATURES
+    | VirtioFeature.RING_INDIRECT_DESC
+    | VirtioFeature.RING_EVENT_IDX
+)
+
+#: Protocol features the library implements for every device.
+LIBRARY_PROTOCOL_FEATURES = (
+    ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE
+)
+
+
+class QueueContext:
+    """What a device sees of one running queue while it processes a batch.
+
+    Attributes:
+        index: the vring index.
+        memory: the guest memory table of the current generation; views made from it must
+            not be kept past the call.
+        enabled: False while the ring is started but disabled: the device must then
+            consume chains without side effects (net: drop TX, deliver no RX).
+    """
+
+    __slots__ = ("enabled", "index", "memory")
+
+    def __init__(self, index: int, memory: MemoryTable, *, enabled: bool) -> None:
+        self.index = index
+        self.memory = memory
+        self.enabled = enabled
+
+
+class Device:
+    """Base class for a vhost-user device.
+
+    Subclasses set :attr:`num_queues` and override what they need. The server adds the
+    transport features the library implements (:data:`LIBRARY_FEATURES`) to
+    :meth:`features`; a device may remove any of them by overriding
+    :meth:`offered_features`.
+    """
+
+    #: How many vrings the device has (the most GET_QUEUE_NUM may report).
+    num_queues: int = 1
+    #: The largest queue size the device accepts in SET_VRING_NUM.
+    max_queue_size: int = 32768
+    #: Device-specific virtio feature bits (bits 0-23 and the device's own above 40).
+    device_features: ClassVar[int] = 0
+    #: Protocol features the device needs on top of the library's (e.g. CONFIG, MQ).
+    device_protocol_features: ClassVar[ProtocolFeature] = ProtocolFeature(0)
+
+    # -- negotiation -------------------------------------------------------------------
+
+    def offered_features(self) -> int:
+        """Return the virtio feature bits offered in GET_FEATURES."""
+        return int(LIBRARY_FEATURES) | self.device_features
+
+    def offered_protocol_features(self) -> int:
+        """Return the protocol feature bits offered in GET_PROTOCOL_FEATURES."""
+        return int(LIBRARY_PROTOCOL_FEATURES | self.device_protocol_features)
+
+    def ack_features(self, features: int) -> None:
+        """Take note of the virtio features the driver acked (SET_FEATURES)."""
+
+    def queue_num(self) -> int:
+        """Return the answer to GET_QUEUE_NUM (net devices count queue pairs)."""
+        return self.num_queues
+
+    # -- config space ------------------------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Return exactly ``size`` bytes of config space from ``offset`` (GET_CONFIG)."""
+        raise UnsupportedRequest("device has no config space")
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> None:
+        """Write config space (SET_CONFIG); ``flags`` 1 means a migration write."""
+        raise UnsupportedRequest("device config space is read-only")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Return to the initial state (RESET_DEVICE, RESET_OWNER, disconnect)."""
+
+    def queue_started(self, index: int) -> None:
+        """Called when a vring's worker starts (after SET_VRING_KICK)."""
+
+    def queue_stopped(self, index: int) -> None:
+        """Called when a vring's worker has stopped at a chain boundary."""
+
+    # -- data path ---------------------------------------------------------------------
+
+    #: Set when the device awaits I/O: the worker then awaits
+    #: :meth:`process_batch_async` instead of calling :meth:`process_batch`.
+    is_async: ClassVar[bool] = False
+    #: Whether a started but disabled ring is drained through the device (with
+    #: ``queue.enabled`` False, e.g. net drops TX) or left alone until it is enabled.
+    process_disabled_rings: ClassVar[bool] = False
+
+    def process_batch(
+        self, queue: QueueContext, chains: Sequence[DescriptorChain]
+    ) -> Sequence[Completion]:
+        """Process a batch of chains synchronously and return their completions.
+
+        The default completes every chain with nothing written, like a null device.
+        Raising :class:`~trio_vhost.errors.VirtqueueError` stops this ring only.
+        """
+        return [(chain.head, 0) for chain in chains]
+
+    async def process_batch_async(
+        self, queue: QueueContext, chains: Sequence[DescriptorChain]
+    ) -> Sequence[Completion]:
+        """Process a batch of chains, awaiting I/O; used when :attr:`is_async` is set.
+
+        A checkpoint when overridden. Cancellation (only on disconnect or shutdown) may
+        abandon chains that were not completed.
+        """
+        return self.process_batch(queue, chains)

@@ -1,0 +1,1 @@
+"""Example virtio devices that ship with trio_vhost (served by the ``trio-vhost`` CLI)."""

@@ -1,0 +1,92 @@
+"""serve(): listen on a unix socket and serve one frontend after another.
+
+A vhost-user socket has one frontend at a time. :func:`serve` accepts a frontend, runs its
+session in a fresh nursery (the control task plus one worker per started vring), and when
+the frontend goes away, for whatever reason, cleans up and accepts the next one: QEMU's
+``reconnect=`` and DPDK's ``server=1`` rely on the backend coming back this way.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import NoReturn
+
+import trio
+
+from ._io.transport import UnixTransport, open_unix_listener
+from .device import Device
+from .errors import ConnectionClosed, RemoteProtocolError, VhostUserError
+from .session import Session
+
+__all__ = ["serve", "serve_connection", "serve_socket"]
+
+LOGGER = logging.getLogger(__name__)
+
+
+async def serve(
+    device: Device,
+    path: str,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``device`` on the unix socket ``path`` until cancelled; a checkpoint.
+
+    ``task_status.started(path)`` is called once the socket accepts connections.
+
+    Resource handling: the socket file is created here and removed when serve() exits; a
+    stale socket file nobody listens on is replaced, a live one is an ``OSError``
+    (EADDRINUSE). Every session's fds and mappings are released before the next frontend
+    is accepted.
+
+    Error handling: a frontend that breaks the protocol or vanishes mid-message is logged
+    and disconnected; the listener keeps serving. The device is reset between frontends.
+    """
+    listener = await open_unix_listener(path)
+    try:
+        task_status.started(path)
+        while True:
+            transport = await listener.accept()
+            await serve_connection(device, transport)
+    finally:
+        # The listener removes the socket file, and only if it is still ours.
+        listener.close()
+
+
+async def serve_socket(device: Device, sock: socket.socket) -> None:
+    """Serve one frontend on an already-connected unix socket; a checkpoint.
+
+    Takes ownership of ``sock``; returns when the frontend disconnects.
+    """
+    await serve_connection(device, UnixTransport.from_socket(sock))
+
+
+async def serve_connection(device: Device, transport: UnixTransport) -> None:
+    """Run one session over ``transport`` until the frontend goes away; a checkpoint.
+
+    Never raises for anything the frontend or the guest did: protocol errors and
+    disconnects are logged. Cancellation stops every worker and closes every resource.
+    """
+    session = Session(device, transport)
+    try:
+        async with trio.open_nursery() as nursery:
+            await session.run(nursery)
+            nursery.cancel_scope.cancel()
+    except* RemoteProtocolError as group:
+        LOGGER.warning("frontend protocol error, disconnecting: %s", _first(group))
+    except* ConnectionClosed as group:
+        LOGGER.warning("frontend disconnected: %s", _first(group))
+    except* VhostUserError as group:
+        LOGGER.error("session failed, disconnecting: %s", _first(group))
+    finally:
+        with trio.CancelScope(shield=True):
+            await session.aclose()
+            await transport.aclose()
+        device.reset()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
