@@ -32,10 +32,10 @@ RANKS = {
     "frontend": 7,
     "server": 8,
     "selfcheck": 9,
-    "testing": 9,
+    "testing": 10,
     "cli": 10,
-    "__init__": 11,
-    "__main__": 11,
+    "__init__": 12,
+    "__main__": 12,
 }
 
 

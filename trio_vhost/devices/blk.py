@@ -150,100 +150,100 @@ class BlkDevice(Device):
         return done
 
     def _request(self, memory: MemoryTable, chain: DescriptorChain) -> int:
-        """Carry out one request; return the bytes written into the chain."""
+        """Carry out one request; return the used length reported to the driver.
+
+        Like QEMU, the used length is the whole device-writable size: the status byte sits
+        at its end, so a shorter length would not cover it.
+        """
         if chain.writable_len < 1:
             # No room even for a status byte: nothing can be reported; complete it empty.
             LOGGER.debug("blk request %d without a status byte", chain.head)
             return 0
         data_len = chain.writable_len - 1
-        status, written = self._execute(memory, chain, data_len)
+        status = self._execute(memory, chain, data_len)
         status_gpa, _ = _locate(chain.writable, data_len)
         memory.write(status_gpa, bytes((status,)))
-        return written + 1
+        return chain.writable_len
 
-    def _execute(
-        self, memory: MemoryTable, chain: DescriptorChain, data_len: int
-    ) -> tuple[int, int]:
+    def _execute(self, memory: MemoryTable, chain: DescriptorChain, data_len: int) -> int:
         if chain.readable_len < REQUEST_HEADER.size:
-            return Status.IOERR, 0
+            return Status.IOERR
         header = _gather(memory, chain.readable, 0, REQUEST_HEADER.size)
         rtype, _reserved, sector = REQUEST_HEADER.unpack(header)
         try:
             handler = _DISPATCH[RequestType(rtype)]
         except (ValueError, KeyError):
-            return Status.UNSUPP, 0
+            return Status.UNSUPP
         try:
             return handler(self, memory, chain, sector, data_len)
         except OSError as exc:
             LOGGER.error("blk %s at sector %d failed: %s", RequestType(rtype).name, sector, exc)
-            return Status.IOERR, 0
+            return Status.IOERR
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         return nbytes % SECTOR_SIZE == 0 and sector * SECTOR_SIZE + nbytes <= (
             self.capacity * SECTOR_SIZE
         )
 
-    def _read(
-        self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int
-    ) -> tuple[int, int]:
+    def _read(self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int) -> int:
         if chain.readable_len != REQUEST_HEADER.size or not self._in_range(sector, data_len):
-            return Status.IOERR, 0
+            return Status.IOERR
         offset = sector * SECTOR_SIZE
         for views in _batches(_views(memory, chain.writable, 0, data_len)):
             got = os.preadv(self.fd, [view.data for view in views], offset)
             want = sum(view.nbytes for view in views)
             if got != want:
-                return Status.IOERR, 0
+                return Status.IOERR
             offset += got
-        return Status.OK, data_len
+        return Status.OK
 
     def _write(
         self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int
-    ) -> tuple[int, int]:
+    ) -> int:
         payload = chain.readable_len - REQUEST_HEADER.size
         if self.read_only or data_len != 0 or not self._in_range(sector, payload):
-            return Status.IOERR, 0
+            return Status.IOERR
         offset = sector * SECTOR_SIZE
         for views in _batches(_views(memory, chain.readable, REQUEST_HEADER.size, payload)):
             put = os.pwritev(self.fd, [view.data for view in views], offset)
             if put != sum(view.nbytes for view in views):
-                return Status.IOERR, 0
+                return Status.IOERR
             offset += put
         if not self.writeback:
             os.fdatasync(self.fd)
-        return Status.OK, 0
+        return Status.OK
 
     def _flush(
         self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int
-    ) -> tuple[int, int]:
+    ) -> int:
         if not self.read_only:
             os.fdatasync(self.fd)
-        return Status.OK, 0
+        return Status.OK
 
     def _get_id(
         self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int
-    ) -> tuple[int, int]:
+    ) -> int:
         count = min(data_len, ID_BYTES)
         _scatter(memory, chain.writable, 0, self.serial[:count])
-        return Status.OK, count
+        return Status.OK
 
     def _discard(
         self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int
-    ) -> tuple[int, int]:
+    ) -> int:
         return self._ranges(memory, chain, data_len, zeroes=False)
 
     def _write_zeroes(
         self, memory: MemoryTable, chain: DescriptorChain, sector: int, data_len: int
-    ) -> tuple[int, int]:
+    ) -> int:
         return self._ranges(memory, chain, data_len, zeroes=True)
 
     def _ranges(
         self, memory: MemoryTable, chain: DescriptorChain, data_len: int, *, zeroes: bool
-    ) -> tuple[int, int]:
+    ) -> int:
         payload = chain.readable_len - REQUEST_HEADER.size
         count, rest = divmod(payload, DISCARD_SEGMENT.size)
         if self.read_only or data_len != 0 or rest or not 0 < count <= MAX_DISCARD_SEG:
-            return Status.IOERR, 0
+            return Status.IOERR
         raw = _gather(memory, chain.readable, REQUEST_HEADER.size, payload)
         for sector, num_sectors, flags in DISCARD_SEGMENT.iter_unpack(raw):
             nbytes = num_sectors * SECTOR_SIZE
@@ -252,13 +252,13 @@ class BlkDevice(Device):
                 or num_sectors > MAX_DISCARD_SECTORS
                 or not self._in_range(sector, nbytes)
             ):
-                return Status.IOERR, 0
+                return Status.IOERR
             if zeroes and not flags & 1:
                 _write_zeroes(self.fd, sector * SECTOR_SIZE, nbytes)
             else:
                 # Punching a hole both discards and reads back as zeroes.
                 _punch_hole(self.fd, sector * SECTOR_SIZE, nbytes)
-        return Status.OK, 0
+        return Status.OK
 
 
 _DISPATCH: Final = {

@@ -48,6 +48,7 @@ class BlkDriver:
         payload = self.vring.queue.read_written(head)
         if written < 1 or len(payload) < 1:
             return Status.IOERR, b""
+        # The device reports the whole writable size; the status byte is the last one.
         return payload[-1], payload[:-1]
 
     async def call(
