@@ -78,6 +78,9 @@ async def serve_connection(device: Device, transport: UnixTransport) -> None:
         LOGGER.warning("frontend disconnected: %s", _first(group))
     except* VhostUserError as group:
         LOGGER.error("session failed, disconnecting: %s", _first(group))
+    except* Exception as group:
+        # A bug on our side or in a device: log it whole, drop this frontend, keep serving.
+        LOGGER.error("session crashed, disconnecting", exc_info=_first(group))
     finally:
         with trio.CancelScope(shield=True):
             await session.aclose()

@@ -221,7 +221,7 @@ class Session:
         try:
             for desc, owned in zip(msg.regions, request.fds, strict=True):
                 regions.append(_map_region(desc, owned))
-            table = MemoryTable.from_regions(regions)
+            table = MemoryTable.from_regions(regions, generation=self.memory.generation + 1)
         except BaseException:
             for region in regions:
                 region.close()

@@ -70,15 +70,23 @@ async def run_vring(
         try:
             await _drain(slot, queue, device, handle, context, max_batch)
         except (VirtqueueError, GuestMemoryError, DeviceError) as exc:
-            handle.broken = True
-            slot.broken = True
+            _break(slot, handle)
             LOGGER.error("vring %d stopped: %s", slot.index, exc)
-            slot.signal_error()
+        except Exception:
+            # A bug in the device: it costs this ring, not the connection or the process.
+            _break(slot, handle)
+            LOGGER.exception("vring %d stopped: device raised", slot.index)
         finally:
             if not handle.broken:
                 handle.final_state = queue.state()
             handle.stopped.set()
             device.queue_stopped(slot.index)
+
+
+def _break(slot: VringSlot, handle: RingWorkerHandle) -> None:
+    handle.broken = True
+    slot.broken = True
+    slot.signal_error()
 
 
 async def _drain(
@@ -128,7 +136,10 @@ def _publish(
             f"device completed {len(completions)} of {len(chains)} chains, or other heads; "
             "every chain of a batch must be completed exactly once"
         )
-    queue.add_used_batch(completions)
+    try:
+        queue.add_used_batch(completions)
+    except ValueError as exc:  # a head or length the ring cannot take: a device bug
+        raise DeviceError(f"device returned an invalid completion: {exc}") from exc
     if call is not None and queue.needs_notification():
         call.write(1)
 

@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -543,10 +544,10 @@ async def run_guest(
     watch: Iterable[Managed] = (),
 ) -> GuestReport:
     """Boot the guest, wait (at most ``timeout`` scaled s) until it powers off, return the
-    parsed serial log. The backends must already listen. If one of ``watch`` (backend
-    processes) dies, QEMU is stopped at once. Never raises for guest-side failures: assert
-    on the report (``report.check(...)``); raises trio.TooSlowError only via the caller's
-    own deadline."""
+    parsed serial log. The backends must already listen (QEMU is the socket client).
+    Guest-side failures are not raised: assert on the report (``report.check(...)``).
+    Raises AssertionError, with the serial log, if the guest does not power off in time or
+    one of the ``watch`` processes (the backends) dies first; QEMU is stopped either way."""
     serial = workdir.log(f"serial-{spec.name}")
     serial.touch()
     argv = qemu_command(tools, images, spec, serial)
@@ -708,6 +709,20 @@ async def testpmd_net_backend(
         yield RunningBackend("testpmd vhost PMD", [pmd.proc], port_stats=pmd.port_stats)
 
 
+@contextlib.asynccontextmanager
+async def trio_vhost_blk_backend(
+    *, socket: Path, image: Path, num_queues: int, workdir: Workdir
+) -> AsyncIterator[RunningBackend]:
+    """Our own ``trio-vhost blk``, run exactly as a user runs it (a separate process)."""
+    argv: list[str | Path] = [
+        sys.executable, "-m", "trio_vhost.cli", "-v", "blk",
+        "--socket", socket, "--image", image, "--queues", str(max(num_queues, 2)),
+    ]  # fmt: skip
+    async with spawn(argv, name="trio-vhost-blk", log=workdir.log("trio-vhost-blk")) as proc:
+        await wait_for_path(socket, timeout=scaled(20), procs=[proc])
+        yield RunningBackend("trio-vhost blk", [proc])
+
+
 def _need_qemu() -> None:
     find_qemu()
 
@@ -719,6 +734,7 @@ def _need_dpdk() -> None:
 # The backends the interop tests run against; trio_vhost's own devices get an entry here.
 BLK_BACKENDS: dict[str, BlkBackend] = {
     "qsd": BlkBackend("qsd", qsd_blk_backend, check=_need_qemu, discard=True),
+    "trio-vhost": BlkBackend("trio-vhost", trio_vhost_blk_backend, check=_need_qemu, discard=True),
 }
 NET_BACKENDS: dict[str, NetBackend] = {
     "testpmd": NetBackend("testpmd", testpmd_net_backend, check=_need_dpdk),

@@ -5,12 +5,15 @@ checks the whole range against the regions before it makes a view, so a hostile 
 only ever produce :class:`~trio_vhost.errors.GuestMemoryError`, never an access outside the
 mapped regions.
 
-Ownership: a table holds a reference on each of its regions and :meth:`MemoryTable.close`
-releases them; a region is unmapped when the last table holding it is closed. Tables made by
-:meth:`~MemoryTable.with_region` / :meth:`~MemoryTable.without_region` share the unchanged
-regions with their predecessor, so the server can always swap in the new table and then close
-the old one: only the regions that are no longer in use get unmapped. Views handed out by a
-table follow the rule in :mod:`trio_vhost.mem.region`: keep them no longer than one request.
+Ownership: a table owns a reference on each of its regions and :meth:`MemoryTable.close`
+releases the references it still owns; a region is unmapped when its last reference goes.
+:meth:`~MemoryTable.with_region` / :meth:`~MemoryTable.without_region` HAND OVER the
+predecessor's references on the regions they keep to the new table. So after an ADD/REM swap
+the old table may be closed or simply dropped, both are right: closing it unmaps only what the
+new table no longer has (the region REM_MEM_REG removed, which may also be closed directly),
+and the kept regions live until the new table is closed. SET_MEM_TABLE builds a fresh table
+with :meth:`~MemoryTable.from_regions` and closes the old one. Views handed out by a table
+follow the rule in :mod:`trio_vhost.mem.region`: keep them no longer than one request.
 """
 
 from __future__ import annotations
@@ -50,13 +53,23 @@ class MemoryTable:
         "_gpa_starts",
         "_np_sizes",
         "_np_starts",
+        "_owned",
         "_regions",
         "_uva_order",
         "generation",
     )
 
-    def __init__(self, regions: Iterable[MemoryRegion], *, generation: int = 0) -> None:
+    def __init__(
+        self,
+        regions: Iterable[MemoryRegion],
+        *,
+        generation: int = 0,
+        _adopt: frozenset[int] = frozenset(),
+    ) -> None:
         """Build a table; prefer :meth:`empty` and :meth:`from_regions`.
+
+        The table takes a reference on each region, except those whose ``id`` is in
+        ``_adopt`` (internal: references handed over by a predecessor).
 
         Raises:
             GuestMemoryError: too many, closed or overlapping regions.
@@ -82,8 +95,11 @@ class MemoryTable:
         self._np_starts: Final = np.array(self._gpa_starts, dtype=np.uint64)
         self._np_sizes: Final = np.array([r.size for r in ordered], dtype=np.uint64)
         self._closed = False
+        self._owned: set[int] = set()
         for region in ordered:
-            region._acquire()
+            if id(region) not in _adopt:
+                region._acquire()
+            self._owned.add(id(region))
 
     @classmethod
     def empty(cls) -> MemoryTable:
@@ -105,27 +121,38 @@ class MemoryTable:
         """Whether :meth:`close` has run."""
         return self._closed
 
+    def _successor(self, regions: tuple[MemoryRegion, ...]) -> MemoryTable:
+        """Return the next generation, handing over our references on the regions it keeps."""
+        if self._closed:
+            raise GuestMemoryError("the memory table is closed")
+        kept = frozenset(id(r) for r in regions) & self._owned
+        table = MemoryTable(regions, generation=self.generation + 1, _adopt=kept)
+        self._owned -= kept
+        return table
+
     def with_region(self, region: MemoryRegion) -> MemoryTable:
         """Return a new table (next generation) with ``region`` added (ADD_MEM_REG).
 
+        The new table takes over this table's references (module docstring).
+
         Raises:
-            GuestMemoryError: the table is full or the region overlaps one of ours.
+            GuestMemoryError: the table is closed or full, or the region overlaps one of ours.
         """
-        return MemoryTable((*self._regions, region), generation=self.generation + 1)
+        return self._successor((*self._regions, region))
 
     def without_region(self, gpa: int, size: int, uva: int) -> tuple[MemoryTable, MemoryRegion]:
         """Return the next-generation table without the matching region, and that region.
 
-        The region matches on guest address, size and frontend address (REM_MEM_REG). It stays
-        mapped until this (old) table is closed.
+        The region matches on guest address, size and frontend address (REM_MEM_REG). It
+        stays mapped until this (old) table is closed or the region itself is closed; the
+        new table takes over the references on the others.
 
         Raises:
-            GuestMemoryError: no region matches.
+            GuestMemoryError: the table is closed or no region matches.
         """
         for region in self._regions:
             if region.gpa == gpa and region.size == size and region.uva == uva:
-                rest = tuple(r for r in self._regions if r is not region)
-                return MemoryTable(rest, generation=self.generation + 1), region
+                return self._successor(tuple(r for r in self._regions if r is not region)), region
         raise GuestMemoryError(f"no region gpa={gpa:#x} size={size:#x} uva={uva:#x} to remove")
 
     def _find(self, gpa: int) -> int:
@@ -272,12 +299,17 @@ class MemoryTable:
         raise GuestMemoryError(f"frontend range [{uva:#x}, +{length:#x}) is not mapped")
 
     def close(self) -> None:
-        """Release this table's regions; those no other table holds are unmapped. Idempotent."""
+        """Release the references this table owns; unreferenced regions are unmapped.
+
+        Idempotent. Call it when no worker runs on this table (no views survive).
+        """
         if self._closed:
             return
         self._closed = True
+        owned, self._owned = self._owned, set()
         for region in self._regions:
-            region._release()
+            if id(region) in owned:
+                region._release()
 
     def __len__(self) -> int:
         return len(self._regions)

@@ -2,7 +2,9 @@
 
 A chain is built from a descriptor table the guest can change at any moment, so every
 descriptor is copied once (``struct.unpack_from`` of its 16 bytes) and only the copy is checked
-and used. The rules enforced by :func:`walk_chain`, each a :class:`VirtqueueError`:
+and used; an indirect table is copied whole before it is walked. (:func:`walk_chain` peeks at
+the head to take a fast path for a lone direct descriptor; a chained head is read again by the
+walk, which then uses only its own copy.) The rules, each a :class:`VirtqueueError`:
 
 * ``next`` must index the table it came from ("The Virtqueue Descriptor Table": the number of
   descriptors in the table is the queue size);
@@ -258,6 +260,27 @@ class _Cursor:
         self.total = total
         self.done = 0
 
+    def single(self, n: int) -> NDArray[np.uint8] | None:
+        """Fast path: return a view of the next ``n`` bytes if they lie in one buffer and one
+        region, advancing; else None (and nothing moves: use :meth:`take`)."""
+        if n <= 0:
+            return None
+        gpa, length = self._ranges[self._index]
+        offset = self._offset
+        if offset + n > length:
+            return None
+        try:
+            view = self._table.translate(gpa + offset, n)
+        except GuestMemoryError:
+            return None
+        self.done += n
+        if offset + n == length:
+            self._index += 1
+            self._offset = 0
+        else:
+            self._offset = offset + n
+        return view
+
     def take(self, n: int) -> Iterator[NDArray[np.uint8]]:
         """Yield views of the next ``n`` bytes (``n`` <= what is left), advancing as it goes."""
         while n > 0:
@@ -295,6 +318,9 @@ class ChainReader:
         left = self.remaining
         if n < 0 or n > left:
             n = left
+        view = self._cursor.single(n)
+        if view is not None:
+            return view.tobytes()
         parts = [view.tobytes() for view in self._cursor.take(n)]
         if len(parts) == 1:
             return parts[0]
@@ -339,8 +365,12 @@ class ChainWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write as much of ``data`` as fits; return the number of bytes written."""
-        src = memoryview(data).cast("B")
+        src = data if type(data) is bytes else memoryview(data).cast("B")
         n = min(len(src), self.remaining)
+        view = self._cursor.single(n)
+        if view is not None:
+            view.data[:] = src[:n] if n < len(src) else src
+            return n
         pos = 0
         for view in self._cursor.take(n):
             k = len(view)

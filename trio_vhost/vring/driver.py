@@ -141,6 +141,7 @@ class DriverQueue:
         self._retired: dict[int, _Record] = {}
         self._slot_base = 0
         self._slot_len = 0
+        self._batch_addr: Final = np.zeros(size, dtype=np.uint64)
         self._batch_len: Final = np.zeros(size, dtype=np.uint32)
         self._batch_written: Final = np.zeros(size, dtype=np.uint32)
         self._avail_idx = 0  # shadow: entries written to the avail ring
@@ -264,6 +265,7 @@ class DriverQueue:
         if needed > len(self._free):
             raise QueueFull(f"{needed} descriptors needed, {len(self._free)} free")
         allocs: list[int] = []
+        table = 0
         entries: list[tuple[int, int, int]] = []
         record_writable: list[tuple[int, int]] = []
         try:
@@ -299,6 +301,7 @@ class DriverQueue:
         self._retire(head)
         self._records[head] = _Record(descs, allocs, record_writable)
         self._kind[head] = _CHAIN
+        self._batch_len[head] = 0
         self.push_avail(head)
         return head
 
@@ -328,6 +331,7 @@ class DriverQueue:
         rows["flags"] = VIRTQ_DESC_F_WRITE if write else 0
         self._desc[heads] = rows
         self._kind[heads] = _BATCH
+        self._batch_addr[heads] = rows["addr"]
         self._batch_len[heads] = length if write else 0
         start = self._avail_idx & self._mask
         end = start + count
@@ -438,7 +442,7 @@ class DriverQueue:
             if self._batch_len[head] == 0 or self._kind[head] != _FREE:
                 raise KeyError(head)
             n = min(int(self._batch_written[head]), int(self._batch_len[head]))
-            return self.ram.read(self._slot_base + head * self._slot_len, n)
+            return self.ram.read(int(self._batch_addr[head]), n)
         left = record.written
         parts = []
         for addr, length in record.writable:

@@ -253,3 +253,39 @@ def test_translate_after_the_region_closed():
         table.translate(0, 1)
     table.close()
     assert "generation=0" in repr(table)
+
+
+def test_old_tables_may_be_dropped_without_closing():
+    """The ADD/REM flow of a server that never closes the superseded table."""
+    a = MemoryRegion.anonymous(4096, guest_phys_addr=0)
+    b = MemoryRegion.anonymous(4096, guest_phys_addr=0x1_0000)
+    c = MemoryRegion.anonymous(4096, guest_phys_addr=0x2_0000)
+    t0 = MemoryTable.from_regions([a])
+    t1 = t0.with_region(b)  # t0 dropped, never closed
+    t2 = t1.with_region(c)
+    t3, removed = t2.without_region(0x1_0000, 4096, 0x1_0000)
+    removed.close()  # the server unmaps the removed region itself
+    assert b.closed
+    assert not a.closed
+    assert not c.closed
+    t3.close()  # teardown: the last table unmaps everything it kept
+    assert a.closed
+    assert c.closed
+    with pytest.raises(GuestMemoryError):
+        t3.with_region(b)  # a closed table has no successor
+
+
+def test_two_successors_of_one_table():
+    a = MemoryRegion.anonymous(4096, guest_phys_addr=0)
+    b = MemoryRegion.anonymous(4096, guest_phys_addr=0x1_0000)
+    c = MemoryRegion.anonymous(4096, guest_phys_addr=0x2_0000)
+    t0 = MemoryTable.from_regions([a])
+    first = t0.with_region(b)  # takes over t0's reference on a
+    second = t0.with_region(c)  # t0 no longer owns a: this one takes its own
+    t0.close()
+    first.close()
+    assert b.closed
+    assert not a.closed
+    second.close()
+    assert a.closed
+    assert c.closed

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from trio_vhost.errors import VirtqueueError
 from trio_vhost.mem import GuestRam, MemoryTable
 from trio_vhost.vring import ChainReader, ChainWriter, DriverQueue, QueueState, SplitQueue
-from trio_vhost.vring.layout import DESC_DTYPE, avail_ring_size, used_ring_size
+from trio_vhost.vring.layout import DESC_DTYPE, used_ring_size
 
 K = 1024
 GPA = 0x10_0000
@@ -206,10 +206,6 @@ def test_random_rings_only_raise_virtqueue_error(env, spec):
     assert not (changed & ~allowed).any(), "the device wrote outside the guest's buffers"
     for gpa, length in CANARIES:
         assert (ram.view[gpa - GPA : gpa - GPA + length] == 0xA5).all()
-    assert (
-        ram.view[AVAIL - GPA : AVAIL - GPA + avail_ring_size(spec["size"])]
-        == before[AVAIL - GPA : AVAIL - GPA + avail_ring_size(spec["size"])]
-    ).all()
 
 
 payloads = st.lists(st.binary(min_size=0, max_size=64), min_size=0, max_size=4)

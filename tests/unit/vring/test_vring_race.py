@@ -18,6 +18,7 @@ import select
 import signal
 import sys
 import threading
+import warnings
 
 import pytest
 
@@ -139,7 +140,9 @@ def test_no_lost_notification_across_processes(make_ring, event_idx):
     """The same race with the driver in a forked process: real parallelism, real fences."""
     ring = make_ring(8, event_idx=event_idx)
     kick, call = EventFd(), EventFd()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
     if pid == 0:  # the driver (guest) side
         status = 1
         try:
