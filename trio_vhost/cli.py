@@ -15,6 +15,10 @@ from typing import Final
 import trio
 
 from .devices.blk import BlkDevice
+from .devices.net import NetPort
+from .devices.net_spec import parse_mac
+from .devices.net_switch import Switch
+from .devices.tap import TapDevice, open_tap
 from .server import serve
 
 __all__ = ["main"]
@@ -63,6 +67,25 @@ def _parser() -> argparse.ArgumentParser:
         "--create",
         metavar="SIZE",
         help="create the image (sparse) with this size if it does not exist",
+    )
+
+    net = commands.add_parser(
+        "net", help="serve virtio-net ports joined by an L2 learning switch (one per socket)"
+    )
+    net.add_argument(
+        "--socket",
+        required=True,
+        action="append",
+        dest="sockets",
+        help="unix socket path of one port (repeat for more ports)",
+    )
+    net.add_argument("--tap", metavar="IFNAME", help="also switch to this TAP interface")
+    net.add_argument("--queues", type=int, default=1, help="queue pairs per port (MQ)")
+    net.add_argument(
+        "--mac",
+        action="append",
+        default=[],
+        help="MAC of each port, in --socket order (default: random)",
     )
 
     commands.add_parser(
@@ -129,6 +152,58 @@ def _run_blk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_net(args: argparse.Namespace) -> int:
+    if args.queues < 1:
+        raise CliError("--queues must be at least 1")
+    if len(args.mac) > len(args.sockets):
+        raise CliError("more --mac than --socket")
+    if len(set(args.sockets)) != len(args.sockets):
+        raise CliError("the same --socket path is given twice")
+    try:
+        macs = [parse_mac(text) for text in args.mac]
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    switch = Switch()
+    ports = [
+        NetPort(switch, f"port{i}", pairs=args.queues, mac=macs[i] if i < len(macs) else None)
+        for i in range(len(args.sockets))
+    ]
+    tap = None
+    if args.tap is not None:
+        try:
+            tap = open_tap(args.tap)
+        except OSError as exc:
+            raise CliError(f"cannot open tap {args.tap}: {exc}") from exc
+        switch.add_port(tap)
+    try:
+        trio.run(_serve_ports_until_signal, ports, args.sockets, tap)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(f"a socket is already in use by a live server: {exc}") from exc
+        raise CliError(f"cannot serve: {exc.strerror or exc}") from exc
+    finally:
+        if tap is not None:
+            tap.close()
+    return 0
+
+
+async def _serve_ports_until_signal(
+    ports: list[NetPort], paths: list[str], tap: TapDevice | None
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            for port, path in zip(ports, paths, strict=True):
+                await nursery.start(serve, port, path)
+                LOGGER.info("serving virtio-net port %s on %s", port.port.name, path)
+            if tap is not None:
+                nursery.start_soon(tap.run, ports[0].switch)
+                LOGGER.info("switching to tap %s", tap.ifname)
+            async for signum in signals:
+                LOGGER.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
 def _run_selfcheck(args: argparse.Namespace) -> int:
     from .selfcheck import run_selfcheck
 
@@ -139,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose - args.quiet)
-    runners = {"blk": _run_blk, "selfcheck": _run_selfcheck}
+    runners = {"blk": _run_blk, "net": _run_net, "selfcheck": _run_selfcheck}
     try:
         return runners[args.command](args)
     except CliError as exc:

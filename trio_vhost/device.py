@@ -16,7 +16,7 @@ not returned stays in flight until a later call returns it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from .errors import UnsupportedRequest
@@ -116,8 +116,13 @@ class Device:
     def reset(self) -> None:
         """Return to the initial state (RESET_DEVICE, RESET_OWNER, disconnect)."""
 
-    def queue_started(self, index: int) -> None:
-        """Called when a vring's worker starts (after SET_VRING_KICK)."""
+    def queue_started(self, index: int, wake: Callable[[], None]) -> None:
+        """Called when a vring's worker starts (after SET_VRING_KICK).
+
+        ``wake`` makes the worker look at the ring again if it is idle; a device that
+        produces work on its own (net RX when a frame arrives) keeps it and calls it.
+        It must not be called after :meth:`queue_stopped` for the same index.
+        """
 
     def queue_stopped(self, index: int) -> None:
         """Called when a vring's worker has stopped at a chain boundary."""
@@ -130,6 +135,18 @@ class Device:
     #: Whether a started but disabled ring is drained through the device (with
     #: ``queue.enabled`` False, e.g. net drops TX) or left alone until it is enabled.
     process_disabled_rings: ClassVar[bool] = False
+
+    def drains_when_disabled(self, index: int) -> bool:
+        """Whether a started but disabled ring ``index`` is still drained (net TX)."""
+        return self.process_disabled_rings
+
+    def chains_wanted(self, queue: QueueContext) -> int | None:
+        """How many chains the device can use now; None means as many as there are.
+
+        The worker pops at most this many; 0 makes it sleep until woken (see
+        :meth:`queue_started`) or kicked. Net RX returns the number of frames waiting.
+        """
+        return None
 
     def process_batch(
         self, queue: QueueContext, chains: Sequence[DescriptorChain]

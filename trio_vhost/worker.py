@@ -66,7 +66,7 @@ async def run_vring(
     context = QueueContext(slot.index, memory, enabled=slot.enabled)
     with handle.scope:
         task_status.started()
-        device.queue_started(slot.index)
+        device.queue_started(slot.index, handle.nudge)
         try:
             await _drain(slot, queue, device, handle, context, max_batch)
         except (VirtqueueError, GuestMemoryError, DeviceError) as exc:
@@ -99,15 +99,21 @@ async def _drain(
 ) -> None:
     kick = slot.kick
     while not handle.stop_requested.is_set():
-        if not slot.enabled and not device.process_disabled_rings:
+        if not slot.enabled and not device.drains_when_disabled(slot.index):
             # Spec, "Ring states": a disabled ring must cause no side effects; this device
             # cannot process one without any, so it waits for SET_VRING_ENABLE (which
             # nudges it) and the chains stay in the ring meanwhile.
             await _wait_for_kick(kick, handle)
             continue
-        chains = queue.pop_batch(max_batch)
+        context.enabled = slot.enabled
+        wanted = device.chains_wanted(context)
+        if wanted == 0:
+            # Nothing to put in buffers (net RX without frames): sleep until the device
+            # wakes us (it holds handle.nudge) or the driver kicks.
+            await _wait_for_kick(kick, handle)
+            continue
+        chains = queue.pop_batch(max_batch if wanted is None else min(wanted, max_batch))
         if chains:
-            context.enabled = slot.enabled
             if device.is_async:
                 completions = await device.process_batch_async(context, chains)
             else:

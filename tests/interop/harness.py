@@ -723,6 +723,21 @@ async def trio_vhost_blk_backend(
         yield RunningBackend("trio-vhost blk", [proc])
 
 
+@contextlib.asynccontextmanager
+async def trio_vhost_net_backend(
+    *, sockets: Sequence[Path], workdir: Workdir
+) -> AsyncIterator[RunningBackend]:
+    """Our own ``trio-vhost net``: one switch port per socket (with two ports a learning
+    switch forwards i -> i^1, as the tests expect)."""
+    argv: list[str | Path] = [sys.executable, "-m", "trio_vhost.cli", "-v", "net"]
+    for path in sockets:
+        argv += ["--socket", path]
+    async with spawn(argv, name="trio-vhost-net", log=workdir.log("trio-vhost-net")) as proc:
+        for path in sockets:
+            await wait_for_path(path, timeout=scaled(20), procs=[proc])
+        yield RunningBackend("trio-vhost net", [proc])
+
+
 def _need_qemu() -> None:
     find_qemu()
 
@@ -738,6 +753,7 @@ BLK_BACKENDS: dict[str, BlkBackend] = {
 }
 NET_BACKENDS: dict[str, NetBackend] = {
     "testpmd": NetBackend("testpmd", testpmd_net_backend, check=_need_dpdk),
+    "trio-vhost": NetBackend("trio-vhost", trio_vhost_net_backend, check=_need_dpdk),
 }
 
 
