@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import trio
@@ -130,6 +130,21 @@ async def _serve_until_signal(device: BlkDevice, path: str) -> None:
                 break
 
 
+def _run_reporting_os_errors(fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    """trio.run ``fn``; an OSError from setting up a listener becomes a one-line error."""
+    try:
+        trio.run(fn, *args)
+    except* OSError as group:
+        exc = group.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        assert isinstance(exc, OSError)
+        where = exc.filename or "the socket"
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(f"{where} is already in use by a live server") from None
+        raise CliError(f"cannot serve on {where}: {exc.strerror or exc}") from None
+
+
 def _run_blk(args: argparse.Namespace) -> int:
     if args.queues < 1:
         raise CliError("--queues must be at least 1")
@@ -140,11 +155,7 @@ def _run_blk(args: argparse.Namespace) -> int:
         os.close(fd)
         raise CliError(str(exc)) from exc
     try:
-        trio.run(_serve_until_signal, device, args.socket)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise CliError(f"socket {args.socket} is already in use by a live server") from exc
-        raise CliError(f"cannot serve on {args.socket}: {exc.strerror or exc}") from exc
+        _run_reporting_os_errors(_serve_until_signal, device, args.socket)
     finally:
         if not args.read_only:
             os.fdatasync(fd)
@@ -172,15 +183,11 @@ def _run_net(args: argparse.Namespace) -> int:
     if args.tap is not None:
         try:
             tap = open_tap(args.tap)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise CliError(f"cannot open tap {args.tap}: {exc}") from exc
         switch.add_port(tap)
     try:
-        trio.run(_serve_ports_until_signal, ports, args.sockets, tap)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise CliError(f"a socket is already in use by a live server: {exc}") from exc
-        raise CliError(f"cannot serve: {exc.strerror or exc}") from exc
+        _run_reporting_os_errors(_serve_ports_until_signal, ports, args.sockets, tap)
     finally:
         if tap is not None:
             tap.close()
