@@ -210,6 +210,9 @@ class Frontend:
         Sends CALL, ERR, NUM, BASE, ADDR, KICK and (when protocol features were acked)
         SET_VRING_ENABLE. The returned :class:`DriverVring` owns the three eventfds.
         """
+        if queue.event_idx != bool(self.acked_features & VirtioFeature.RING_EVENT_IDX):
+            # A mismatch makes both sides read the wrong suppression fields: a silent hang.
+            raise ValueError("the DriverQueue's event_idx must match the negotiated EVENT_IDX")
         vring = DriverVring(self, index, queue)
         try:
             await self.set_vring_fd(FrontendReq.SET_VRING_CALL, index, vring.call)

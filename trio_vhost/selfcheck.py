@@ -129,11 +129,16 @@ NET_HEADER = bytes(12)
 
 
 async def _net_guest(frontend: Frontend, ram: GuestRam) -> tuple[DriverVring, DriverVring]:
-    await frontend.negotiate()
+    acked = await frontend.negotiate()
     await frontend.set_mem_table([ram])
-    rx = await frontend.start_vring(0, DriverQueue.create(ram, 64, pool_size=256 << 10))
-    tx = await frontend.start_vring(1, DriverQueue.create(ram, 64, pool_size=256 << 10))
-    return rx, tx
+    event_idx = bool(acked & VirtioFeature.RING_EVENT_IDX)
+    rings = [
+        await frontend.start_vring(
+            index, DriverQueue.create(ram, 64, event_idx=event_idx, pool_size=256 << 10)
+        )
+        for index in (0, 1)
+    ]
+    return rings[0], rings[1]
 
 
 async def _send(

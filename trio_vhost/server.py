@@ -70,8 +70,18 @@ async def serve_connection(device: Device, transport: UnixTransport) -> None:
     session = Session(device, transport)
     try:
         async with trio.open_nursery() as nursery:
-            await session.run(nursery)
-            nursery.cancel_scope.cancel()
+            try:
+                await session.run(nursery)
+            except VhostUserError as exc:
+                _log_end(exc)
+            finally:
+                # Stop the workers through their own cancel scopes while the control task
+                # is still inside the nursery. Letting the nursery cancel them instead
+                # leaves their frames, and the views of guest memory in them, in trio's
+                # exception-group reference cycles: the mappings (and the fds mmap keeps)
+                # would outlive the session until the next cyclic garbage collection.
+                with trio.CancelScope(shield=True):
+                    await session.stop_all_rings(hard=True)
     except* RemoteProtocolError as group:
         LOGGER.warning("frontend protocol error, disconnecting: %s", _first(group))
     except* ConnectionClosed as group:
@@ -86,6 +96,15 @@ async def serve_connection(device: Device, transport: UnixTransport) -> None:
             await session.aclose()
             await transport.aclose()
         device.reset()
+
+
+def _log_end(exc: VhostUserError) -> None:
+    if isinstance(exc, RemoteProtocolError):
+        LOGGER.warning("frontend protocol error, disconnecting: %s", exc)
+    elif isinstance(exc, ConnectionClosed):
+        LOGGER.warning("frontend disconnected: %s", exc)
+    else:
+        LOGGER.error("session failed, disconnecting: %s", exc)
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -18,7 +18,7 @@ Error policy (README, "Errors"):
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -252,8 +252,7 @@ class Session:
         No worker runs while the old table is closed, so no view of it survives; the
         rings restart from the indices they stopped at, translated through the new table.
         """
-        for slot in self.slots:
-            await self._stop_ring(slot)
+        await self._stop_rings(self.slots)
         old, self.memory = self.memory, table
         if close_old:
             old.close()
@@ -274,6 +273,7 @@ class Session:
 
     def _stopped_slot(self, index: int) -> VringSlot:
         slot = self._slot(index)
+        self._reap_if_finished(slot)
         if slot.worker is not None:
             raise DeviceError(f"vring {index} is running; stop it with GET_VRING_BASE first")
         return slot
@@ -415,31 +415,53 @@ class Session:
 
     async def _stop_ring(self, slot: VringSlot) -> None:
         """Soft-stop the ring's worker at a chain boundary; record where it stopped."""
-        handle = slot.worker
-        if handle is None:
-            return None
-        handle.request_stop()
+        await self._stop_rings([slot])
+
+    async def _stop_rings(self, slots: Sequence[VringSlot], *, hard: bool = False) -> None:
+        """Stop the workers of ``slots`` together and record where each stopped.
+
+        Soft stops (the default) let each worker finish its batch; they share one
+        STOP_GRACE, after which the stragglers are cancelled (their unfinished batches are
+        handed back, see worker.py). ``hard`` cancels at once.
+        """
+        handles = [(slot, slot.worker) for slot in slots if slot.worker is not None]
+        for _, handle in handles:
+            if hard:
+                handle.scope.cancel()
+            else:
+                handle.request_stop()
         with trio.move_on_after(STOP_GRACE) as grace:
-            await handle.stopped.wait()
+            for _, handle in handles:
+                await handle.stopped.wait()
         if grace.cancelled_caught:
-            LOGGER.error("vring %d did not stop within %.1fs: cancelled", slot.index, STOP_GRACE)
-            handle.scope.cancel()
-            await handle.stopped.wait()
+            for slot, handle in handles:
+                if not handle.stopped.is_set():
+                    LOGGER.error(
+                        "vring %d did not stop within %.1fs: cancelled", slot.index, STOP_GRACE
+                    )
+                    handle.scope.cancel()
+            for _, handle in handles:
+                await handle.stopped.wait()
+        for slot, handle in handles:
+            self._reap(slot, handle)
+
+    @staticmethod
+    def _reap(slot: VringSlot, handle: RingWorkerHandle) -> None:
+        """Forget a stopped worker, keeping the state it stopped at."""
         slot.worker = None
         state = handle.final_state
         if state is not None:
             slot.base, slot.used_base = state.next_avail, state.next_used
 
+    def _reap_if_finished(self, slot: VringSlot) -> None:
+        # A worker whose ring broke has returned on its own: the slot is stopped.
+        if slot.worker is not None and slot.worker.stopped.is_set():
+            self._reap(slot, slot.worker)
+
     async def stop_all_rings(self, *, hard: bool, keep_started: bool = False) -> None:
         """Stop every worker; a checkpoint. ``hard`` cancels instead of draining."""
+        await self._stop_rings(self.slots, hard=hard)
         for slot in self.slots:
-            handle = slot.worker
-            if handle is not None and hard:
-                handle.scope.cancel()
-                await handle.stopped.wait()
-                slot.worker = None
-            elif handle is not None:
-                await self._stop_ring(slot)
             slot.started = slot.started and keep_started
 
     async def aclose(self) -> None:

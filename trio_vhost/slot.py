@@ -30,7 +30,9 @@ class RingWorkerHandle:
 
     ``scope`` cancels the worker outright (hard stop); ``stop_requested`` asks it to stop
     at the next chain boundary (soft stop); ``stopped`` is set once it has stopped, with
-    its final queue state in ``final_state`` (None if the ring broke or was cancelled).
+    the queue state to resume from in ``final_state``, however it stopped (soft, hard, a
+    broken ring): chains of a batch that did not complete lie at or after its
+    ``next_avail``. ``in_flight`` counts the chains of the batch being processed.
     """
 
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -39,6 +41,7 @@ class RingWorkerHandle:
     stopped: trio.Event = field(default_factory=trio.Event)
     final_state: QueueState | None = None
     broken: bool = False
+    in_flight: int = 0
 
     def nudge(self) -> None:
         """Wake the worker if it is idle, so it looks at the ring again."""

@@ -10,12 +10,22 @@ Cancellation safety: between popping a batch and publishing its used entries the
 checkpoint on the synchronous path, so a cancel can only land between batches, where every
 popped chain has been completed exactly once and ``next_avail`` is exact. An async device
 (:attr:`Device.is_async`) awaits inside a batch; a soft stop waits for the batch to finish,
-only a hard stop (disconnect, shutdown) abandons it.
+only a hard stop (disconnect, shutdown, a soft stop past its grace) abandons it.
+
+Where a worker stops, whatever stopped it (soft stop, hard stop, a broken ring, a device
+bug), it leaves ``handle.final_state`` at a chain boundary: every chain before
+``next_avail`` has been completed exactly once, and the chains of a batch that never
+completed (none of a batch is published unless all of it is) are handed back by moving
+``next_avail`` to the batch's first chain. A restart from that state (GET_VRING_BASE then
+SET_VRING_BASE, SLEEP/WAKE, a memory-table change, a new SET_VRING_KICK after a repair)
+therefore neither loses a chain nor completes one twice; a device that was cancelled in
+the middle of a batch sees those chains again.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -31,6 +41,7 @@ if TYPE_CHECKING:
     from .slot import RingWorkerHandle, VringSlot
     from .vring.chain import DescriptorChain
     from .vring.split import SplitQueue
+    from .vring.state import QueueState
 
 __all__ = ["DEFAULT_MAX_BATCH", "POLL_INTERVAL", "run_vring"]
 
@@ -55,8 +66,9 @@ async def run_vring(
     """Drain ``queue`` through ``device`` until stopped; always a checkpoint.
 
     Resource handling: the worker owns none of the slot's fds; it reads the kick eventfd
-    and writes the call eventfd. On return ``handle.final_state`` holds the queue state to
-    resume from (None if the ring broke) and ``handle.stopped`` is set.
+    and writes the call eventfd. On return, however it stopped (also when the ring broke
+    or the worker was cancelled), ``handle.final_state`` holds the queue state to resume
+    from (see the module docstring) and ``handle.stopped`` is set.
 
     Error handling: a :class:`VirtqueueError` (or a guest address outside memory) stops
     this ring only: the err eventfd is signalled and the worker returns normally, so the
@@ -66,21 +78,72 @@ async def run_vring(
     context = QueueContext(slot.index, memory, enabled=slot.enabled)
     with handle.scope:
         task_status.started()
-        device.queue_started(slot.index, handle.nudge)
         try:
+            # Inside the try: whatever the device raises here, ``stopped`` must be set, or
+            # the control task would wait for it forever (in a shielded scope at teardown).
+            device.queue_started(slot.index, handle.nudge)
             await _drain(slot, queue, device, handle, context, max_batch)
         except (VirtqueueError, GuestMemoryError, DeviceError) as exc:
             _break(slot, handle)
-            LOGGER.error("vring %d stopped: %s", slot.index, exc)
-        except Exception:
+            LOGGER.error("vring %d stopped: %s", slot.index, str(exc))
+            _release_frames(exc)
+        except Exception as exc:
             # A bug in the device: it costs this ring, not the connection or the process.
             _break(slot, handle)
-            LOGGER.exception("vring %d stopped: device raised", slot.index)
+            LOGGER.error("vring %d stopped: device raised\n%s", slot.index, _traceback_text(exc))
+            _release_frames(exc)
         finally:
-            if not handle.broken:
-                handle.final_state = queue.state()
+            handle.final_state = _resume_state(queue, handle.in_flight)
             handle.stopped.set()
-            device.queue_stopped(slot.index)
+            _queue_stopped(device, slot.index)
+
+
+def _traceback_text(exc: BaseException) -> str:
+    # Text, not exc_info: a handler that keeps records (pytest's capture, a MemoryHandler)
+    # would keep the traceback, its frames, and their views of guest memory alive.
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Cut ``exc`` (and its cause and context) loose from the frames it was raised through.
+
+    A ring failure's frames hold the queue's and the device's views of guest memory. An
+    error raised inside trio's I/O layer sits in a reference cycle with its own traceback,
+    and anything that keeps the exception (a log record's args) keeps the frames: either
+    way the mapping, and the fd mmap keeps, would outlive the session. So the finished
+    frames' locals are cleared and the tracebacks dropped, once the error has been logged.
+    Pass exceptions to the logger as text: the record must not keep them either.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err.__traceback__ = None
+        todo += (err.__cause__, err.__context__)
+        if isinstance(err, BaseExceptionGroup):
+            todo += err.exceptions
+
+
+def _resume_state(queue: SplitQueue, abandoned: int) -> QueueState:
+    """Return where to resume: the queue's position, minus a batch that never completed."""
+    state = queue.state()
+    if abandoned:
+        state = state.with_indices((state.next_avail - abandoned) & 0xFFFF, state.next_used)
+    return state
+
+
+def _queue_stopped(device: Device, index: int) -> None:
+    try:
+        device.queue_stopped(index)
+    except Exception as exc:
+        # Raised from a finally it would replace the worker's own outcome and end the
+        # connection; a device bug costs the device, not the session.
+        LOGGER.error("vring %d: device raised in queue_stopped\n%s", index, _traceback_text(exc))
+        _release_frames(exc)
 
 
 def _break(slot: VringSlot, handle: RingWorkerHandle) -> None:
@@ -114,11 +177,16 @@ async def _drain(
             continue
         chains = queue.pop_batch(max_batch if wanted is None else min(wanted, max_batch))
         if chains:
+            # Until the batch is published, a stop hands its chains back (_resume_state).
+            handle.in_flight = len(chains)
             if device.is_async:
                 completions = await device.process_batch_async(context, chains)
             else:
                 completions = device.process_batch(context, chains)
-            _publish(queue, chains, completions, slot.call)
+            _complete(queue, chains, completions)
+            handle.in_flight = 0
+            if slot.call is not None and queue.needs_notification():
+                slot.call.write(1)
             await trio.lowlevel.checkpoint()
             continue
         # The ring looks empty: ask for kicks again, then look once more, because the
@@ -129,12 +197,12 @@ async def _drain(
         queue.disable_notifications()
 
 
-def _publish(
+def _complete(
     queue: SplitQueue,
     chains: Sequence[DescriptorChain],
     completions: Sequence[Completion],
-    call: EventFd | None,
 ) -> None:
+    """Publish a whole batch's used entries, or raise DeviceError having published none."""
     # A completion for a chain the device was not given would hand the guest a
     # descriptor twice: check the heads as a set before anything is published.
     if len(completions) != len(chains) or {h for h, _ in completions} != {c.head for c in chains}:
@@ -146,8 +214,6 @@ def _publish(
         queue.add_used_batch(completions)
     except ValueError as exc:  # a head or length the ring cannot take: a device bug
         raise DeviceError(f"device returned an invalid completion: {exc}") from exc
-    if call is not None and queue.needs_notification():
-        call.write(1)
 
 
 async def _wait_for_kick(kick: EventFd | None, handle: RingWorkerHandle) -> None:

@@ -221,9 +221,11 @@ def _split(state: Negotiation) -> bool:
 
 
 def _check_vring_num(state: Negotiation, body: VringState) -> None:
-    # Virtio "Queue Size": at most 32768, and a power of 2 for split rings.
+    # Virtio "Queue Size": at most 32768. That a split ring's size is a power of 2 is a
+    # property of the ring, not of the message: the session refuses other sizes with a
+    # NACK, like a size above the device's maximum, and the connection stays up.
     num = body.num
-    if not 1 <= num <= MAX_QUEUE_SIZE or (_split(state) and num & (num - 1)):
+    if not 1 <= num <= MAX_QUEUE_SIZE:
         raise RemoteProtocolError(f"invalid queue size {num} for vring {body.index}")
 
 
