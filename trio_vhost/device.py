@@ -9,8 +9,12 @@ what it needs; an optional request the device leaves alone is answered with
 Data path: a worker pops a batch of descriptor chains from one queue and calls
 :meth:`Device.process_batch` (synchronous, the fast path) or, when the device overrides
 :meth:`Device.process_batch_async`, awaits it (for devices that wait on I/O). Either
-returns one ``(head, bytes_written)`` completion per chain it finished; a chain that is
-not returned stays in flight until a later call returns it.
+returns exactly one ``(head, bytes_written)`` completion for every chain of the batch: a
+batch is published whole or not at all. A device that wants fewer chains says so with
+:meth:`Device.chains_wanted`. If a batch never completes (the worker is cancelled in an
+async batch, or the device raises), its chains are handed back to the ring and the device
+sees them again when the ring restarts: a device must tolerate re-delivery (blk writes the
+same data again) rather than have a request lost.
 """
 
 from __future__ import annotations
