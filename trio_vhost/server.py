@@ -47,6 +47,7 @@ async def serve(
         task_status.started(path)
         while True:
             transport = await listener.accept()
+            LOGGER.info("frontend connected on %s", path)
             await serve_connection(device, transport)
     finally:
         # The listener removes the socket file, and only if it is still ours.

@@ -127,7 +127,11 @@ class Session:
         except BaseException:
             close_all(fds)
             raise
-        LOGGER.debug("request %s", request.code.name)
+        index = getattr(request.body, "index", None)
+        if index is None:
+            LOGGER.debug("request %s", request.code.name)
+        else:
+            LOGGER.debug("request %s vring=%s", request.code.name, index)
         return request
 
     async def _dispatch(self, request: Request) -> None:
@@ -384,6 +388,9 @@ class Session:
             return
         handle = RingWorkerHandle()
         slot.worker = handle
+        LOGGER.info(
+            "vring %d started at avail=%d used=%d", slot.index, queue.next_avail, queue.next_used
+        )
         self._nursery.start_soon(
             _run_worker, slot, queue, self.memory, self.device, handle, name=f"vring-{slot.index}"
         )
@@ -452,6 +459,9 @@ class Session:
         state = handle.final_state
         if state is not None:
             slot.base, slot.used_base = state.next_avail, state.next_used
+            LOGGER.info(
+                "vring %d stopped at avail=%d used=%d", slot.index, slot.base, slot.used_base
+            )
 
     def _reap_if_finished(self, slot: VringSlot) -> None:
         # A worker whose ring broke has returned on its own: the slot is stopped.

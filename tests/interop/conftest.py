@@ -3,7 +3,8 @@
 Missing tools or guest images: the test is skipped with the reason and the fix, except
 under CI=true, where it fails (CI installs everything with scripts/setup-interop.sh, so a
 skip there would hide a broken setup). On failure, every log a test registered in its
-Workdir (guest serial consoles, QEMU, backends, testpmd) is attached to the report.
+Workdir (guest serial consoles, QEMU, backends, testpmd) is attached to the report. The
+terminal summary lists each interop test's wall time (setup + call + teardown).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from . import harness
 
 T = TypeVar("T")
 WORKDIR_KEY = pytest.StashKey[harness.Workdir]()
+# nodeid -> (wall seconds, outcome), summed over setup/call/teardown; shown at the end
+_WALL: dict[str, tuple[float, str]] = {}
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -86,3 +89,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     for name, path in wd.logs.items():
         report.sections.append((f"interop log {name} ({path.name})", harness.tail(path)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    wall, outcome = _WALL.get(report.nodeid, (0.0, "passed"))
+    if outcome == "passed" and report.outcome != "passed":
+        outcome = f"{report.outcome}" + ("" if report.when == "call" else f" ({report.when})")
+    _WALL[report.nodeid] = (wall + report.duration, outcome)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _WALL:
+        return
+    terminalreporter.section("interop wall time per test")
+    total = 0.0
+    for nodeid, (wall, outcome) in _WALL.items():
+        total += wall
+        terminalreporter.write_line(f"{wall:7.1f}s  {outcome:8}  {nodeid}")
+    terminalreporter.write_line(f"{total:7.1f}s  total ({len(_WALL)} tests)")

@@ -380,9 +380,12 @@ class GuestReport:
     markers: tuple[Marker, ...]
     exit_status: int | None
     wall_s: float
+    firmware: str = ""  # SeaBIOS debug console, when GuestSpec.firmware_log
 
     @classmethod
-    def parse(cls, name: str, serial: str, exit_status: int | None, wall_s: float) -> GuestReport:
+    def parse(
+        cls, name: str, serial: str, exit_status: int | None, wall_s: float, firmware: str = ""
+    ) -> GuestReport:
         markers = []
         for raw in serial.replace("\r", "").splitlines():
             m = MARKER_RE.search(raw)
@@ -391,7 +394,7 @@ class GuestReport:
             kind, rest = m.group(1), m.group(2).strip()
             first = "" if kind in {"BOOT", "END"} else rest.split(" ", 1)[0]
             markers.append(Marker(kind, first, dict(FIELD_RE.findall(rest)), rest))
-        return cls(name, serial, tuple(markers), exit_status, wall_s)
+        return cls(name, serial, tuple(markers), exit_status, wall_s, firmware)
 
     def _of(self, kind: str) -> list[Marker]:
         return [m for m in self.markers if m.kind == kind]
@@ -488,6 +491,8 @@ class GuestSpec:
     mem_mib: int = 512
     smp: int = 1
     extra_args: Sequence[str] = ()
+    # capture SeaBIOS's debug output (QEMU's isa-debugcon on port 0x402) in GuestReport.firmware
+    firmware_log: bool = False
 
 
 def _chardev(ident: str, socket: Path, reconnect: int | None) -> str:
@@ -496,7 +501,11 @@ def _chardev(ident: str, socket: Path, reconnect: int | None) -> str:
 
 
 def qemu_command(
-    tools: QemuTools, images: GuestImages, spec: GuestSpec, serial_log: Path
+    tools: QemuTools,
+    images: GuestImages,
+    spec: GuestSpec,
+    serial_log: Path,
+    firmware_log: Path | None = None,
 ) -> list[str]:
     """The full command line (-nodefaults: no stray e1000/user networking)."""
     if accel() == "kvm":
@@ -531,6 +540,9 @@ def qemu_command(
         argv += ["-chardev", _chardev(f"net{i}", nic.socket, nic.reconnect)]
         argv += ["-netdev", f"vhost-user,id=net{i},chardev=net{i},queues={nic.queues}"]
         argv += ["-device", dev + (f",{nic.extra}" if nic.extra else "")]
+    if firmware_log is not None:
+        argv += ["-chardev", f"file,id=fwlog,path={firmware_log}"]
+        argv += ["-device", "isa-debugcon,iobase=0x402,chardev=fwlog"]
     return argv + list(spec.extra_args)
 
 
@@ -550,7 +562,10 @@ async def run_guest(
     one of the ``watch`` processes (the backends) dies first; QEMU is stopped either way."""
     serial = workdir.log(f"serial-{spec.name}")
     serial.touch()
-    argv = qemu_command(tools, images, spec, serial)
+    firmware = workdir.log(f"firmware-{spec.name}") if spec.firmware_log else None
+    if firmware is not None:
+        firmware.touch()
+    argv = qemu_command(tools, images, spec, serial, firmware)
     watched = list(watch)
     t0 = trio.current_time()
     status: int | None = None
@@ -562,7 +577,8 @@ async def run_guest(
             status = q.returncode
         wall = trio.current_time() - t0
     text = serial.read_bytes().decode("utf-8", "replace")
-    report = GuestReport.parse(spec.name, text, status, wall)
+    fw_text = firmware.read_bytes().decode("utf-8", "replace") if firmware else ""
+    report = GuestReport.parse(spec.name, text, status, wall, fw_text)
     if status is None:
         dead = [b.name for b in watched if not b.alive()]
         why = f"backend(s) {dead} exited" if dead else f"no poweroff within {scaled(timeout):.0f} s"
@@ -605,6 +621,34 @@ def seed_image(path: Path, layout: BlkLayout, seed: int = 1) -> str:
     return hashlib.md5(host).hexdigest()
 
 
+SWAP_PAGE = 4096  # x86-64 guests
+
+
+def write_swap_area(path: Path, pages: int, filler: int = 0x5A) -> None:
+    """Make the first ``pages`` pages of the image a Linux swap area, as mkswap would (v1
+    header in page 0, signature at the end of the page), with ``filler`` bytes in the data
+    pages: a discard or write that the device wrongly carried out shows up as changed
+    bytes."""
+    header = bytearray(SWAP_PAGE)
+    # struct swap_header.info at byte 1024: version, last_page, nr_badpages, uuid, label
+    header[1024:1036] = (1).to_bytes(4, "little") + (pages - 1).to_bytes(4, "little") + bytes(4)
+    header[1036:1052] = hashlib.md5(str(path).encode()).digest()
+    header[1052:1068] = b"tvh-ro".ljust(16, b"\0")
+    header[SWAP_PAGE - 10 :] = b"SWAPSPACE2"
+    with open(path, "r+b") as f:
+        f.write(header)
+        f.write(bytes([filler]) * (SWAP_PAGE * (pages - 1)))
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a whole file (to prove a read-only image came back unchanged)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verify_image(path: Path, layout: BlkLayout, host_md5: str, guest_md5: str) -> None:
     """After the guest ran: host region intact, guest region = what the guest reported,
     bulk region all zeros, size unchanged."""
@@ -643,10 +687,17 @@ class RunningBackend:
 
 class BlkBackendStart(Protocol):
     """Start a vhost-user-blk backend listening on ``socket`` serving the raw ``image``
-    read-write with ``num_queues`` queues; yield once it listens, stop it on exit."""
+    with ``num_queues`` queues, read-write, or read-only when ``read_only`` (the device
+    offers VIRTIO_BLK_F_RO and fails every write); yield once it listens, stop it on exit."""
 
     def __call__(
-        self, *, socket: Path, image: Path, num_queues: int, workdir: Workdir
+        self,
+        *,
+        socket: Path,
+        image: Path,
+        num_queues: int,
+        workdir: Workdir,
+        read_only: bool = False,
     ) -> contextlib.AbstractAsyncContextManager[RunningBackend]: ...
 
 
@@ -677,16 +728,17 @@ class NetBackend:
 
 @contextlib.asynccontextmanager
 async def qsd_blk_backend(
-    *, socket: Path, image: Path, num_queues: int, workdir: Workdir
+    *, socket: Path, image: Path, num_queues: int, workdir: Workdir, read_only: bool = False
 ) -> AsyncIterator[RunningBackend]:
     """qemu-storage-daemon's vhost-user-blk export (the reference backend)."""
     tools = find_qemu()
+    ro = "on" if read_only else "off"
     argv: list[str | Path] = [
         tools.qemu_storage_daemon,
-        "--blockdev", f"driver=file,node-name=disk0,filename={image}",
+        "--blockdev", f"driver=file,node-name=disk0,filename={image},read-only={ro}",
         "--export",
         "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-        f"addr.path={socket},writable=on,num-queues={num_queues}",
+        f"addr.path={socket},writable={'off' if read_only else 'on'},num-queues={num_queues}",
     ]  # fmt: skip
     async with spawn(argv, name="qemu-storage-daemon", log=workdir.log("qsd")) as proc:
         await wait_for_path(socket, timeout=scaled(20), procs=[proc])
@@ -711,12 +763,21 @@ async def testpmd_net_backend(
 
 @contextlib.asynccontextmanager
 async def trio_vhost_blk_backend(
-    *, socket: Path, image: Path, num_queues: int, workdir: Workdir
+    *,
+    socket: Path,
+    image: Path,
+    num_queues: int,
+    workdir: Workdir,
+    read_only: bool = False,
+    debug: bool = False,
 ) -> AsyncIterator[RunningBackend]:
-    """Our own ``trio-vhost blk``, run exactly as a user runs it (a separate process)."""
+    """Our own ``trio-vhost blk``, run exactly as a user runs it (a separate process).
+    ``debug`` runs it with ``-v -v``: one log line per vhost-user request (its log is
+    ``workdir.logs["trio-vhost-blk"]``)."""
     argv: list[str | Path] = [
-        sys.executable, "-m", "trio_vhost.cli", "-v", "blk",
+        sys.executable, "-m", "trio_vhost.cli", "-v", *(["-v"] if debug else []), "blk",
         "--socket", socket, "--image", image, "--queues", str(max(num_queues, 2)),
+        *(["--read-only"] if read_only else []),
     ]  # fmt: skip
     async with spawn(argv, name="trio-vhost-blk", log=workdir.log("trio-vhost-blk")) as proc:
         await wait_for_path(socket, timeout=scaled(20), procs=[proc])
@@ -755,6 +816,31 @@ NET_BACKENDS: dict[str, NetBackend] = {
     "testpmd": NetBackend("testpmd", testpmd_net_backend, check=_need_dpdk),
     "trio-vhost": NetBackend("trio-vhost", trio_vhost_net_backend, check=_need_dpdk),
 }
+
+
+# ---------------------------------------------------------------------------- trio-vhost log
+
+CONNECTION_END = "<connection end>"
+_SESSION_LINE_RE = re.compile(
+    r"^[A-Z]+ trio_vhost\.(?:session|server): (?:request (?P<request>[A-Z_0-9]+)\b"
+    r"|(?P<end>frontend closed the connection|frontend disconnected|frontend protocol error"
+    r"|session failed|session crashed))",
+    re.M,
+)
+
+
+def vhost_user_requests(log_text: str, keep: Iterable[str]) -> list[str]:
+    """From a ``trio-vhost -v -v`` log (``debug=True``): the vhost-user requests named in
+    ``keep``, in arrival order, with :data:`CONNECTION_END` wherever a session ended (the
+    frontend closed the connection, went away, or was dropped)."""
+    wanted = set(keep)
+    out = []
+    for m in _SESSION_LINE_RE.finditer(log_text):
+        if m["end"]:
+            out.append(CONNECTION_END)
+        elif m["request"] in wanted:
+            out.append(m["request"])
+    return out
 
 
 # ---------------------------------------------------------------------------- DPDK testpmd

@@ -7,8 +7,12 @@
 #                           printed in "TVH-OK blk-write ... md5=")
 #   tvh.boff/tvh.bmib       bulk region: N MiB of zeros, O_DIRECT write + fsync, then read
 #   tvh.doff/tvh.dlen       region to discard (when the disk offers discard)
+#   tvh.rebind=1            at the end, unbind and rebind the virtio_blk driver (the device
+#                           is reset, so the backend's rings are stopped and started again),
+#                           then read and write through the new rings
 # Checks (markers): blk-size, blk-read, blk-write, blk-readback, blk-bulk-write,
-# blk-bulk-read, blk-discard (OK, SKIP when not offered, FAIL on error).
+# blk-bulk-read, blk-discard (OK, SKIP when not offered, FAIL on error), blk-rebind and
+# blk-rebind-io (only with tvh.rebind=1).
 K=65536
 dev=/dev/${TVH_dev:-vda}
 name=${dev#/dev/}
@@ -89,5 +93,36 @@ elif blkdiscard -o "$doff" -l "$dlen" $dev 2>/tmp/err; then
     tvh_ok "blk-discard off=$doff len=$dlen"
 else
     tvh_fail "blk-discard $(oneline /tmp/err)"; rc=1
+fi
+
+# 5. driver unbind + bind: virtio reset, then a fresh initialisation of the same device
+if [ "${TVH_rebind:-0}" = 1 ]; then
+    vdev=$(basename "$(readlink /sys/block/$name/device)")
+    drv=/sys/bus/virtio/drivers/virtio_blk
+    if echo "$vdev" >$drv/unbind 2>/tmp/err && [ ! -b "$dev" ] \
+            && echo "$vdev" >$drv/bind 2>>/tmp/err; then
+        n=0
+        while [ ! -b "$dev" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+    fi
+    if [ -b "$dev" ] && [ "$(basename "$(readlink /sys/block/$name/device)")" = "$vdev" ]; then
+        tvh_ok "blk-rebind dev=$vdev"
+        # what the host wrote and what we wrote before the reset, then two more writes
+        # (zeros, then our bytes again, so the host's check of the region stays valid)
+        h=$(dd if=$dev bs=$K skip=$((hoff / K)) count=$((hlen / K)) iflag=direct 2>/dev/null | md5_of)
+        g=$(dd if=$dev bs=$K skip=$((goff / K)) count=$((glen / K)) iflag=direct 2>/dev/null | md5_of)
+        dd if=/dev/zero of=$dev bs=$K seek=$((goff / K)) count=$((glen / K)) oflag=direct conv=fsync 2>/tmp/err
+        z=$(dd if=$dev bs=$K skip=$((goff / K)) count=$((glen / K)) iflag=direct 2>/dev/null \
+            | cmp -s -n "$glen" - /dev/zero && echo zero || echo not-zero)
+        dd if=/tmp/g of=$dev bs=$K seek=$((goff / K)) oflag=direct conv=fsync 2>>/tmp/err
+        g2=$(dd if=$dev bs=$K skip=$((goff / K)) count=$((glen / K)) iflag=direct 2>/dev/null | md5_of)
+        if [ "$h" = "${TVH_hmd5:-}" ] && [ "$g" = "$want" ] && [ $z = zero ] && [ "$g2" = "$want" ]; then
+            tvh_ok "blk-rebind-io host=$h guest=$g rewritten=$g2"
+        else
+            tvh_fail "blk-rebind-io host=$h guest=$g zeroed=$z rewritten=$g2 want=$want" \
+                "$(oneline /tmp/err)"; rc=1
+        fi
+    else
+        tvh_fail "blk-rebind $vdev did not come back as $dev: $(oneline /tmp/err)"; rc=1
+    fi
 fi
 return $rc
