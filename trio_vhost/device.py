@@ -23,11 +23,16 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+
 from .errors import UnsupportedRequest
 from .proto.constants import ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
     from .mem.table import MemoryTable
+    from .vring.batch import ChainBatch
     from .vring.chain import DescriptorChain
 
 __all__ = ["Completion", "Device", "QueueContext"]
@@ -139,6 +144,23 @@ class Device:
     #: Whether a started but disabled ring is drained through the device (with
     #: ``queue.enabled`` False, e.g. net drops TX) or left alone until it is enabled.
     process_disabled_rings: ClassVar[bool] = False
+
+    #: Set to have the worker call :meth:`process_arrays` with whole-batch numpy arrays
+    #: instead of :meth:`process_batch` with one object per chain (synchronous devices).
+    uses_arrays: ClassVar[bool] = False
+
+    def process_arrays(self, queue: QueueContext, batch: ChainBatch) -> int | NDArray[np.uint32]:
+        """Process a whole batch given as arrays; return the used lengths.
+
+        Return one int for every chain, or an array of ``batch.count`` lengths, in the
+        order of ``batch.heads``. Single-buffer chains are described by ``batch.addr``,
+        ``batch.length``, ``batch.writable`` (and ``batch.region``/``batch.offset`` into
+        ``batch.table.regions``); the others are in ``batch.complex_chains``. The default
+        hands ``batch.chains`` to :meth:`process_batch` and completes every chain with the
+        length it reports.
+        """
+        completions = dict(self.process_batch(queue, batch.chains))
+        return np.array([completions[int(head)] for head in batch.heads], dtype=np.uint32)
 
     def drains_when_disabled(self, index: int) -> bool:
         """Whether a started but disabled ring ``index`` is still drained (net TX)."""

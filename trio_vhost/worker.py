@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+import numpy as np
 import trio
 
 from .device import QueueContext
@@ -49,6 +50,18 @@ LOGGER = logging.getLogger(__name__)
 
 #: The most chains taken in one pass; large batches amortise numpy's per-call cost.
 DEFAULT_MAX_BATCH: Final = 256
+
+
+def batch_limit(queue_size: int) -> int:
+    """The batch size for a ring: a quarter of it (at most DEFAULT_MAX_BATCH).
+
+    Taking the whole ring at once leaves the driver nothing to refill while the device
+    works; a quarter keeps both sides busy (measured in bench/bench_vring.py: 1.3-1.7x at
+    N=256).
+    """
+    return max(1, min(DEFAULT_MAX_BATCH, queue_size // 4))
+
+
 #: How often a ring without a kick eventfd (NOFD: the frontend asked for polling) is polled.
 POLL_INTERVAL: Final = 0.001
 
@@ -60,7 +73,7 @@ async def run_vring(
     memory: MemoryTable,
     device: Device,
     handle: RingWorkerHandle,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Drain ``queue`` through ``device`` until stopped; always a checkpoint.
@@ -82,7 +95,8 @@ async def run_vring(
             # Inside the try: whatever the device raises here, ``stopped`` must be set, or
             # the control task would wait for it forever (in a shielded scope at teardown).
             device.queue_started(slot.index, handle.nudge)
-            await _drain(slot, queue, device, handle, context, max_batch)
+            limit = batch_limit(queue.size) if max_batch is None else max_batch
+            await _drain(slot, queue, device, handle, context, limit)
         except (VirtqueueError, GuestMemoryError, DeviceError) as exc:
             _break(slot, handle)
             LOGGER.error("vring %d stopped: %s", slot.index, str(exc))
@@ -161,6 +175,7 @@ async def _drain(
     max_batch: int,
 ) -> None:
     kick = slot.kick
+    arrays = device.uses_arrays and not device.is_async
     while not handle.stop_requested.is_set():
         if not slot.enabled and not device.drains_when_disabled(slot.index):
             # Spec, "Ring states": a disabled ring must cause no side effects; this device
@@ -175,16 +190,12 @@ async def _drain(
             # wakes us (it holds handle.nudge) or the driver kicks.
             await _wait_for_kick(kick, handle)
             continue
-        chains = queue.pop_batch(max_batch if wanted is None else min(wanted, max_batch))
-        if chains:
-            # Until the batch is published, a stop hands its chains back (_resume_state).
-            handle.in_flight = len(chains)
-            if device.is_async:
-                completions = await device.process_batch_async(context, chains)
-            else:
-                completions = device.process_batch(context, chains)
-            _complete(queue, chains, completions)
-            handle.in_flight = 0
+        limit = max_batch if wanted is None else min(wanted, max_batch)
+        if arrays:
+            popped = _process_arrays(queue, device, handle, context, limit)
+        else:
+            popped = await _process_chains(queue, device, handle, context, limit)
+        if popped:
             if slot.call is not None and queue.needs_notification():
                 slot.call.write(1)
             await trio.lowlevel.checkpoint()
@@ -195,6 +206,55 @@ async def _drain(
             continue
         await _wait_for_kick(kick, handle)
         queue.disable_notifications()
+
+
+async def _process_chains(
+    queue: SplitQueue,
+    device: Device,
+    handle: RingWorkerHandle,
+    context: QueueContext,
+    limit: int,
+) -> int:
+    """Pop up to ``limit`` chains, have the device process them, publish; return the count."""
+    chains = queue.pop_batch(limit)
+    if chains:
+        # Until the batch is published, a stop hands its chains back (_resume_state).
+        handle.in_flight = len(chains)
+        if device.is_async:
+            completions = await device.process_batch_async(context, chains)
+        else:
+            completions = device.process_batch(context, chains)
+        _complete(queue, chains, completions)
+        handle.in_flight = 0
+    return len(chains)
+
+
+def _process_arrays(
+    queue: SplitQueue,
+    device: Device,
+    handle: RingWorkerHandle,
+    context: QueueContext,
+    limit: int,
+) -> int:
+    """The vectorised twin of :func:`_process_chains` for devices with ``uses_arrays``.
+
+    No per-chain Python objects: the batch's heads go back to the used ring as one array,
+    so every popped head is completed exactly once by construction.
+    """
+    batch = queue.pop_arrays(limit)
+    if not batch:
+        return 0
+    handle.in_flight = batch.count
+    written = device.process_arrays(context, batch)
+    lengths = (
+        np.full(batch.count, written, dtype=np.uint32) if isinstance(written, int) else written
+    )
+    try:
+        queue.add_used_arrays(batch.heads, lengths)
+    except ValueError as exc:  # lengths the ring cannot take: a device bug
+        raise DeviceError(f"device returned invalid used lengths: {exc}") from exc
+    handle.in_flight = 0
+    return batch.count
 
 
 def _complete(

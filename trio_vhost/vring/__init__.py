@@ -1,11 +1,13 @@
 """Split virtqueues over guest memory: synchronous and pure (no I/O, no trio).
 
-The device side is :class:`SplitQueue`, built from untrusted :class:`QueueState` data; the
+The device side is :class:`SplitQueue`, built from untrusted :class:`QueueState` data (whole
+batches come out as :class:`DescriptorChain` lists or as a :class:`ChainBatch` of arrays); the
 driver (guest) side, for the Python frontend and tests, is :class:`DriverQueue`.
 """
 
 from __future__ import annotations
 
+from .batch import ChainBatch as ChainBatch
 from .chain import MAX_CHAIN_BYTES as MAX_CHAIN_BYTES
 from .chain import ChainReader as ChainReader
 from .chain import ChainWriter as ChainWriter
@@ -19,6 +21,7 @@ from .state import QueueState as QueueState
 
 __all__ = [
     "MAX_CHAIN_BYTES",
+    "ChainBatch",
     "ChainReader",
     "ChainWriter",
     "DescriptorChain",

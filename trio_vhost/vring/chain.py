@@ -28,7 +28,9 @@ never used, so it is not checked).
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Final, final
 
 import numpy as np
@@ -53,6 +55,7 @@ MAX_CHAIN_BYTES: Final = 1 << 32
 _DESC: Final = struct.Struct("<QIHH")
 _CHAINED: Final = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 _unpack_desc: Final = _DESC.unpack_from
+_region_gpa: Final = attrgetter("gpa")
 
 Range = tuple[int, int]
 
@@ -236,6 +239,33 @@ def walk_chain(
     return builder.build()
 
 
+def _span(table: MemoryTable, gpa: int, n: int) -> memoryview | None:
+    """Return a memoryview of ``[gpa, gpa + n)`` if it lies inside one open region, else None.
+
+    The fast path of the reader and writer: a slice of the region's own memoryview, without
+    the numpy view that :meth:`MemoryTable.translate` makes. Like every view of guest memory
+    it must not outlive the call that made it (:mod:`trio_vhost.mem.region`): it is used for
+    one copy and dropped, never stored.
+    """
+    regions = table.regions
+    if len(regions) == 1:
+        region = regions[0]
+    elif regions:
+        i = bisect_right(regions, gpa, key=_region_gpa) - 1
+        if i < 0:
+            return None
+        region = regions[i]
+    else:
+        return None
+    offset = gpa - region.gpa
+    if offset < 0 or offset + n > region.size:
+        return None
+    try:
+        return region.view.data[offset : offset + n]
+    except GuestMemoryError:  # the region was closed
+        return None
+
+
 def _views(table: MemoryTable, gpa: int, length: int) -> list[NDArray[np.uint8]]:
     try:
         return [table.translate(gpa, length)]
@@ -248,47 +278,47 @@ def _views(table: MemoryTable, gpa: int, length: int) -> list[NDArray[np.uint8]]
 
 
 class _Cursor:
-    """A position in a sequence of guest ranges."""
+    """A position in a sequence of guest ranges (the state of a reader or writer)."""
 
-    __slots__ = ("_index", "_offset", "_ranges", "_table", "done", "total")
+    __slots__ = ("_done", "_index", "_offset", "_ranges", "_table", "_total")
 
-    def __init__(self, table: MemoryTable, ranges: tuple[Range, ...], total: int) -> None:
-        self._table = table
-        self._ranges = ranges
-        self._index = 0
-        self._offset = 0
-        self.total = total
-        self.done = 0
+    _done: int
+    _index: int
+    _offset: int
+    _ranges: tuple[Range, ...]
+    _table: MemoryTable
+    _total: int
 
-    def single(self, n: int) -> NDArray[np.uint8] | None:
+    def _single(self, n: int) -> memoryview | None:
         """Fast path: return a view of the next ``n`` bytes if they lie in one buffer and one
-        region, advancing; else None (and nothing moves: use :meth:`take`)."""
+        region, advancing; else None (and nothing moves: use :meth:`_take`)."""
         if n <= 0:
             return None
         gpa, length = self._ranges[self._index]
         offset = self._offset
-        if offset + n > length:
+        end = offset + n
+        if end > length:
             return None
-        try:
-            view = self._table.translate(gpa + offset, n)
-        except GuestMemoryError:
+        view = _span(self._table, gpa + offset, n)
+        if view is None:
             return None
-        self.done += n
-        if offset + n == length:
+        self._done += n
+        if end == length:
             self._index += 1
             self._offset = 0
         else:
-            self._offset = offset + n
+            self._offset = end
         return view
 
-    def take(self, n: int) -> Iterator[NDArray[np.uint8]]:
+    def _take(self, n: int) -> Iterator[memoryview]:
         """Yield views of the next ``n`` bytes (``n`` <= what is left), advancing as it goes."""
         while n > 0:
             gpa, length = self._ranges[self._index]
             k = min(n, length - self._offset)
-            yield from _views(self._table, gpa + self._offset, k)
+            for view in _views(self._table, gpa + self._offset, k):
+                yield view.data
             n -= k
-            self.done += k
+            self._done += k
             self._offset += k
             if self._offset == length:
                 self._index += 1
@@ -296,32 +326,39 @@ class _Cursor:
 
 
 @final
-class ChainReader:
+class ChainReader(_Cursor):
     """Reads the device-readable buffers of a chain, in order, as one byte stream.
 
-    Buffers are translated at each call, so a reader must not outlive its table generation.
-    A range that is no longer mapped raises :class:`VirtqueueError`.
+    Buffers are translated at each call and the views it makes live only inside that call, so
+    a reader holds no view of guest memory; still, it must not be used after its table is
+    closed (its regions may be unmapped). A range that is no longer mapped raises
+    :class:`VirtqueueError`.
     """
 
-    __slots__ = ("_cursor",)
+    __slots__ = ()
 
     def __init__(self, table: MemoryTable, chain: DescriptorChain) -> None:
-        self._cursor = _Cursor(table, chain.readable, chain.readable_len)
+        self._table = table
+        self._ranges = chain.readable
+        self._total = chain.readable_len
+        self._index = 0
+        self._offset = 0
+        self._done = 0
 
     @property
     def remaining(self) -> int:
         """Bytes not read yet."""
-        return self._cursor.total - self._cursor.done
+        return self._total - self._done
 
     def read(self, n: int = -1) -> bytes:
         """Return up to ``n`` bytes (all that remain if ``n`` < 0); ``b""`` at the end."""
-        left = self.remaining
+        left = self._total - self._done
         if n < 0 or n > left:
             n = left
-        view = self._cursor.single(n)
+        view = self._single(n)
         if view is not None:
             return view.tobytes()
-        parts = [view.tobytes() for view in self._cursor.take(n)]
+        parts = [view.tobytes() for view in self._take(n)]
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
@@ -329,52 +366,62 @@ class ChainReader:
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` with up to ``len(buf)`` bytes; return how many were copied."""
         dst = memoryview(buf).cast("B")
-        n = min(len(dst), self.remaining)
+        n = min(len(dst), self._total - self._done)
+        view = self._single(n)
+        if view is not None:
+            dst[:n] = view
+            return n
         pos = 0
-        for view in self._cursor.take(n):
+        for view in self._take(n):
             k = len(view)
-            dst[pos : pos + k] = view.data
+            dst[pos : pos + k] = view
             pos += k
         return n
 
 
 @final
-class ChainWriter:
+class ChainWriter(_Cursor):
     """Writes into the device-writable buffers of a chain, in order.
 
     The writer never writes past the writable buffers: :meth:`write` writes what fits and
     returns a short count, :meth:`write_all` refuses (and writes nothing) when the data does
-    not fit. Report :attr:`written` as the used element's ``len``. Like the reader, it must
-    not outlive its table generation.
+    not fit. Report :attr:`written` as the used element's ``len``. Like the reader, it keeps
+    no view of guest memory between calls and must not be used after its table is closed.
     """
 
-    __slots__ = ("_cursor",)
+    __slots__ = ()
 
     def __init__(self, table: MemoryTable, chain: DescriptorChain) -> None:
-        self._cursor = _Cursor(table, chain.writable, chain.writable_len)
+        self._table = table
+        self._ranges = chain.writable
+        self._total = chain.writable_len
+        self._index = 0
+        self._offset = 0
+        self._done = 0
 
     @property
     def written(self) -> int:
         """Bytes written so far."""
-        return self._cursor.done
+        return self._done
 
     @property
     def remaining(self) -> int:
         """Room left in the writable buffers."""
-        return self._cursor.total - self._cursor.done
+        return self._total - self._done
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write as much of ``data`` as fits; return the number of bytes written."""
         src = data if type(data) is bytes else memoryview(data).cast("B")
-        n = min(len(src), self.remaining)
-        view = self._cursor.single(n)
+        size = len(src)
+        n = min(size, self._total - self._done)
+        view = self._single(n)
         if view is not None:
-            view.data[:] = src[:n] if n < len(src) else src
+            view[:] = src[:n] if n < size else src
             return n
         pos = 0
-        for view in self._cursor.take(n):
+        for view in self._take(n):
             k = len(view)
-            view.data[:] = src[pos : pos + k]
+            view[:] = src[pos : pos + k]
             pos += k
         return n
 
@@ -385,8 +432,9 @@ class ChainWriter:
             VirtqueueError: the guest's writable buffers are too small (nothing is written).
         """
         size = memoryview(data).nbytes
-        if size > self.remaining:
+        if size > self._total - self._done:
             raise VirtqueueError(
-                f"{size} bytes do not fit in {self.remaining} bytes of device-writable buffers"
+                f"{size} bytes do not fit in {self._total - self._done} bytes of"
+                " device-writable buffers"
             )
         self.write(data)

@@ -2,9 +2,15 @@
 
 Fast path (measured in ``lab/ring-spike.md``): one read of ``avail.idx`` per batch, the heads
 read with contiguous slices of the available ring (two slices when the batch wraps), one
-vectorised gather of their descriptor rows, and a per-chain walk only for chains that use NEXT
-or INDIRECT (or whose single buffer needs a closer look). Completions go out as one contiguous
-slice assignment into the used ring, then one store of ``used.idx``.
+vectorised gather of their descriptor rows, one vectorised check of their buffers against the
+memory table, and a per-chain walk only for chains that use NEXT or INDIRECT (or whose single
+buffer needs a closer look). Completions go out as contiguous slice assignments into the used
+ring, then one store of ``used.idx``.
+
+Two interfaces to the same path: :meth:`SplitQueue.pop_batch` / :meth:`~SplitQueue.add_used_batch`
+with :class:`DescriptorChain` objects and ``(head, written)`` pairs, and
+:meth:`SplitQueue.pop_arrays` / :meth:`~SplitQueue.add_used_arrays` with numpy arrays
+(:class:`~trio_vhost.vring.batch.ChainBatch`), which does no Python work per simple chain.
 
 Memory ordering (DESIGN.md §6, :mod:`trio_vhost.vring._fence`): loads are not reordered with
 loads and stores not with stores on x86-64 (TSO), and numpy copies are plain loads and stores
@@ -32,6 +38,7 @@ from numpy.typing import NDArray
 from ..errors import VirtqueueError
 from ..mem.table import MemoryTable
 from ._fence import fence
+from .batch import ChainBatch, RegionIndex
 from .chain import DescriptorChain, walk_chain
 from .layout import (
     DESC_DTYPE,
@@ -39,7 +46,6 @@ from .layout import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     avail_event_offset,
     avail_ring_size,
@@ -51,8 +57,18 @@ from .state import QueueState
 __all__ = ["SplitQueue", "vring_need_event"]
 
 _SLOW_FLAGS: Final = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
+_SLOW0: Final = np.array(_SLOW_FLAGS, dtype=np.uint16)  # 0-d: cheaper than a scalar operand
 _flatten: Final = _chain.from_iterable
 _U16: Final = 0xFFFF
+
+
+def _check_index_array(values: object, name: str, expected: int | None = None) -> int:
+    """Return the length of a one-dimensional integer array, else raise ValueError."""
+    if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind not in "ui":
+        raise ValueError(f"{name} must be a one-dimensional integer array")
+    if expected is not None and len(values) != expected:
+        raise ValueError(f"{len(values)} written lengths for {expected} heads")
+    return len(values)
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -79,17 +95,21 @@ class SplitQueue:
         "_avail_ring",
         "_desc_bytes",
         "_desc_rows",
+        "_empty",
         "_event_idx",
         "_indirect",
         "_mask",
         "_next_avail",
         "_next_used",
+        "_regions",
         "_signalled_used",
         "_size",
         "_state",
         "_table",
         "_used_flags",
         "_used_hdr",
+        "_used_ids",
+        "_used_lens",
         "_used_ring",
     )
 
@@ -109,6 +129,8 @@ class SplitQueue:
         avail = table.translate(state.avail_gpa, avail_ring_size(n))
         used = table.translate(state.used_gpa, used_ring_size(n))
         self._table: Final = table
+        self._regions: Final = RegionIndex(table)
+        self._empty: Final = ChainBatch.empty(table)
         self._state: Final = state
         self._size: Final = n
         self._mask: Final = n - 1
@@ -125,6 +147,8 @@ class SplitQueue:
         self._used_ring: Final[NDArray[np.uint32]] = (
             used[USED_RING_OFFSET:ring_end].view("<u4").reshape(n, 2)
         )
+        self._used_ids: Final = self._used_ring[:, 0]  # column views for add_used_arrays
+        self._used_lens: Final = self._used_ring[:, 1]
         self._avail_event: Final[NDArray[np.uint16]] = used[ring_end : ring_end + 2].view("<u2")
         self._used_flags = int(self._used_hdr[0])
         self._next_avail = state.next_avail
@@ -208,52 +232,80 @@ class SplitQueue:
             heads = np.concatenate((ring[start:], ring[: end - self._size]))
         return heads
 
+    def pop_arrays(self, max_chains: int) -> ChainBatch:
+        """Pop up to ``max_chains`` chains as a :class:`ChainBatch` of numpy arrays.
+
+        One read of ``avail.idx``, the heads by contiguous slices, one gather of their head
+        descriptors, and one vectorised check of every buffer against the memory table. Only
+        chains that are not one direct in-region buffer (NEXT, INDIRECT, zero length, or a
+        buffer spanning two regions) are walked one by one, into
+        :attr:`ChainBatch.complex_chains`.
+
+        Raises:
+            VirtqueueError: as :meth:`pop_batch`; nothing is returned and :attr:`next_avail`
+                does not move.
+        """
+        n = min(self._pending(), max_chains) if max_chains > 0 else 0
+        if n <= 0:
+            return self._empty
+        heads = self._read_heads(n)
+        try:
+            rows = self._desc_rows.take(heads)  # the copy that is checked and used
+        except IndexError:
+            bad = int(heads[heads >= self._size][0])
+            raise VirtqueueError(f"available ring head {bad} >= queue size {self._size}") from None
+        flags: NDArray[np.uint16] = rows["flags"]
+        addr: NDArray[np.uint64] = rows["addr"]
+        length: NDArray[np.uint32] = rows["len"]
+        ok, region, offset = self._regions.locate(addr, length)
+        slow = flags & _SLOW0
+        # count_nonzero is the cheapest reduction numpy has for small arrays
+        if np.count_nonzero(ok) == n and not np.count_nonzero(slow):
+            batch = ChainBatch(self._table, heads, addr, length, flags, offset, region)
+        else:
+            simple = ok & (slow == 0)
+            batch = self._slow_batch(heads, addr, length, flags, offset, region, simple)
+        self._next_avail = (self._next_avail + n) & _U16
+        return batch
+
+    def _slow_batch(
+        self,
+        heads: NDArray[np.uint16],
+        addr: NDArray[np.uint64],
+        length: NDArray[np.uint32],
+        flags: NDArray[np.uint16],
+        offset: NDArray[np.uint64],
+        region: NDArray[np.intp] | None,
+        simple: NDArray[np.bool_],
+    ) -> ChainBatch:
+        """Walk the chains that are not simple; raises before anything is returned."""
+        positions = np.flatnonzero(~simple)
+        walk = self._walk
+        found = {
+            pos: walk(h)
+            for pos, h in zip(positions.tolist(), heads[positions].tolist(), strict=True)
+        }
+        # The walks made their own copies: the row copy of these heads means nothing now.
+        addr[positions] = 0
+        length[positions] = 0
+        flags[positions] = 0
+        offset[positions] = 0
+        if region is not None:
+            region[positions] = -1
+        return ChainBatch(self._table, heads, addr, length, flags, offset, region, found, simple)
+
     def pop_batch(self, max_chains: int) -> list[DescriptorChain]:
         """Pop up to ``max_chains`` chains with one read of ``avail.idx``.
+
+        The chains of :meth:`pop_arrays`, as :class:`DescriptorChain` objects.
 
         Raises:
             VirtqueueError: ``avail.idx`` ran more than a ring ahead, a head is out of range
                 or a chain is broken. Nothing of the batch is returned and :attr:`next_avail`
                 does not move: the ring is dead and must be stopped.
         """
-        if max_chains <= 0:
-            return []
-        n = min(self._pending(), max_chains)
-        if n == 0:
-            return []
-        heads = self._read_heads(n)
-        if int(heads.max()) >= self._size:
-            bad = int(heads[heads >= self._size][0])
-            raise VirtqueueError(f"available ring head {bad} >= queue size {self._size}")
-        rows = self._desc_rows.take(heads)  # the copy that is checked and used
-        flags = rows["flags"]
-        addrs = rows["addr"]
-        lens = rows["len"]
-        fast = ((flags & _SLOW_FLAGS) == 0) & (lens != 0) & self._table.ranges_ok(addrs, lens)
-        writes = (flags & VIRTQ_DESC_F_WRITE).tolist()
-        chains: list[DescriptorChain] = []
-        append = chains.append
-        chain = DescriptorChain
-        if fast.all():
-            for h, a, ln, w in zip(
-                heads.tolist(), addrs.tolist(), lens.tolist(), writes, strict=True
-            ):
-                if w:
-                    append(chain(h, (), ((a, ln),), 0, ln))
-                else:
-                    append(chain(h, ((a, ln),), (), ln, 0))
-        else:
-            for h, a, ln, w, ok in zip(
-                heads.tolist(), addrs.tolist(), lens.tolist(), writes, fast.tolist(), strict=True
-            ):
-                if not ok:
-                    append(self._walk(h))
-                elif w:
-                    append(chain(h, (), ((a, ln),), 0, ln))
-                else:
-                    append(chain(h, ((a, ln),), (), ln, 0))
-        self._next_avail = (self._next_avail + n) & _U16
-        return chains
+        batch = self.pop_arrays(max_chains)
+        return batch.chains if batch.count else []
 
     # -- completing ------------------------------------------------------------------------
 
@@ -311,6 +363,60 @@ class SplitQueue:
             split = self._size - start
             ring[start:] = elems[:split]
             ring[: end - self._size] = elems[split:]
+        # used.idx last: x86 TSO keeps the element stores before it (see module docstring).
+        self._next_used = (self._next_used + k) & _U16
+        self._used_hdr[1] = self._next_used
+
+    def add_used_arrays(
+        self, heads: NDArray[np.integer], written: NDArray[np.integer] | int
+    ) -> None:
+        """Return chains to the driver from arrays: column slice writes, then ``used.idx``.
+
+        Args:
+            heads: the head of each completed chain, e.g. :attr:`ChainBatch.heads`.
+            written: the bytes written into each chain, in the same order; one int for
+                every chain, or an integer array of ``len(heads)`` entries.
+
+        Raises:
+            ValueError: a device bug (nothing is written): not one-dimensional integer
+                arrays of equal length, more completions than the ring holds, a head
+                ``>= size`` or a length outside 32 bits.
+        """
+        k = _check_index_array(heads, "heads")
+        if k == 0:
+            if not isinstance(written, int | np.integer):
+                _check_index_array(written, "written", k)
+            return
+        if k > self._size:
+            raise ValueError(f"{k} completions do not fit a ring of {self._size}")
+        if (heads.dtype.kind == "i" and int(heads.min()) < 0) or int(heads.max()) >= self._size:
+            raise ValueError(f"a completed head is outside a ring of {self._size}")
+        if isinstance(written, int | np.integer):
+            if not 0 <= written <= 0xFFFF_FFFF:
+                raise ValueError(f"written {written} is not a 32-bit length")
+        else:
+            _check_index_array(written, "written", k)
+            if not (written.dtype.kind == "u" and written.dtype.itemsize <= 4) and (
+                int(written.min()) < 0 or int(written.max()) > 0xFFFF_FFFF
+            ):
+                raise ValueError("a written length is not a 32-bit length")
+        start = self._next_used & self._mask
+        end = start + k
+        ids = self._used_ids
+        lens = self._used_lens
+        if end <= self._size:
+            ids[start:end] = heads
+            lens[start:end] = written
+        else:
+            split = self._size - start
+            ids[start:] = heads[:split]
+            ids[: end - self._size] = heads[split:]
+            if isinstance(written, int | np.integer):
+                lens[start:] = written
+                lens[: end - self._size] = written
+            else:
+                lens[start:] = written[:split]
+                lens[: end - self._size] = written[split:]
         # used.idx last: x86 TSO keeps the element stores before it (see module docstring).
         self._next_used = (self._next_used + k) & _U16
         self._used_hdr[1] = self._next_used
