@@ -20,6 +20,7 @@ from trio_vhost.devices.blk_spec import (
     RequestType,
     Status,
 )
+from trio_vhost.devices.blk_threaded import ThreadedBlkDevice
 from trio_vhost.frontend import RequestNacked
 from trio_vhost.testing import Harness, open_device
 
@@ -35,24 +36,33 @@ def image(tmp_path: Path) -> Iterator[int]:
     os.close(fd)
 
 
+@pytest.fixture(params=[BlkDevice, ThreadedBlkDevice], ids=["inline", "thread"])
+def device_class(request: pytest.FixtureRequest) -> type[BlkDevice]:
+    return request.param  # type: ignore[no-any-return]
+
+
 @asynccontextmanager
-async def blk(image: int, **kwargs: object) -> AsyncIterator[tuple[Harness, BlkDriver]]:
-    device = BlkDevice(image, serial="unit-serial", **kwargs)  # type: ignore[arg-type]
+async def blk(
+    device_class: type[BlkDevice], image: int, **kwargs: object
+) -> AsyncIterator[tuple[Harness, BlkDriver]]:
+    device = device_class(image, serial="unit-serial", **kwargs)  # type: ignore[arg-type]
     with trio.fail_after(20):
         async with open_device(device) as harness:
             yield harness, BlkDriver(harness.vrings[0])
 
 
-async def test_read_write_roundtrip(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_read_write_roundtrip(image: int, device_class: type[BlkDevice]) -> None:
+    async with blk(device_class, image) as (_, driver):
         data = os.urandom(64 * 1024)
         await driver.write(100, data)
         assert os.pread(image, len(data), 100 * SECTOR_SIZE) == data
         assert await driver.read(100, len(data)) == data
 
 
-async def test_last_sector_ok_and_past_end_is_ioerr(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_last_sector_ok_and_past_end_is_ioerr(
+    image: int, device_class: type[BlkDevice]
+) -> None:
+    async with blk(device_class, image) as (_, driver):
         await driver.write(SECTORS - 1, b"\x5a" * SECTOR_SIZE)
         with pytest.raises(BlkRequestFailed) as failed:
             await driver.write(SECTORS - 1, b"\x5a" * 2 * SECTOR_SIZE)
@@ -64,14 +74,14 @@ async def test_last_sector_ok_and_past_end_is_ioerr(image: int) -> None:
             await driver.read(2**64 - 1, SECTOR_SIZE)
 
 
-async def test_partial_sector_is_ioerr(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_partial_sector_is_ioerr(image: int, device_class: type[BlkDevice]) -> None:
+    async with blk(device_class, image) as (_, driver):
         with pytest.raises(BlkRequestFailed):
             await driver.write(0, b"x" * 100)
 
 
-async def test_unknown_type_is_unsupp(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_unknown_type_is_unsupp(image: int, device_class: type[BlkDevice]) -> None:
+    async with blk(device_class, image) as (_, driver):
         with pytest.raises(BlkRequestFailed) as failed:
             await driver.call(RequestType.GET_LIFETIME, read_len=8)
         assert failed.value.status == Status.UNSUPP
@@ -81,8 +91,10 @@ async def test_unknown_type_is_unsupp(image: int) -> None:
         assert driver.result(*used[0])[0] == Status.UNSUPP
 
 
-async def test_short_header_is_ioerr_and_no_status_room_completes_empty(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_short_header_is_ioerr_and_no_status_room_completes_empty(
+    image: int, device_class: type[BlkDevice]
+) -> None:
+    async with blk(device_class, image) as (_, driver):
         head = driver.vring.submit([b"\0" * 8], [1])
         used = await driver.vring.wait_used()
         assert driver.result(*used[0])[0] == Status.IOERR
@@ -90,8 +102,8 @@ async def test_short_header_is_ioerr_and_no_status_room_completes_empty(image: i
         assert await driver.vring.wait_used() == [(head, 0)]
 
 
-async def test_flush_get_id_discard_write_zeroes(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_flush_get_id_discard_write_zeroes(image: int, device_class: type[BlkDevice]) -> None:
+    async with blk(device_class, image) as (_, driver):
         await driver.write(8, b"\xff" * 8 * SECTOR_SIZE)
         await driver.flush()
         assert await driver.get_id() == b"unit-serial"
@@ -104,9 +116,11 @@ async def test_flush_get_id_discard_write_zeroes(image: int) -> None:
             await driver.discard(SECTORS - 1, 2)
 
 
-async def test_read_only_refuses_writes_and_keeps_image(image: int) -> None:
+async def test_read_only_refuses_writes_and_keeps_image(
+    image: int, device_class: type[BlkDevice]
+) -> None:
     os.pwrite(image, b"\x11" * SECTOR_SIZE, 0)
-    async with blk(image, read_only=True) as (harness, driver):
+    async with blk(device_class, image, read_only=True) as (harness, driver):
         assert harness.acked & BlkFeature.RO
         for attempt in (driver.write(0, b"\x22" * SECTOR_SIZE), driver.discard(0, 1)):
             with pytest.raises(BlkRequestFailed) as failed:
@@ -117,8 +131,8 @@ async def test_read_only_refuses_writes_and_keeps_image(image: int) -> None:
     assert os.pread(image, SECTOR_SIZE, 0) == b"\x11" * SECTOR_SIZE
 
 
-async def test_config_space_layout_and_writeback(image: int) -> None:
-    async with blk(image) as (harness, _):
+async def test_config_space_layout_and_writeback(image: int, device_class: type[BlkDevice]) -> None:
+    async with blk(device_class, image) as (harness, _):
         frontend = harness.frontend
         config = await frontend.get_config(0, CONFIG_SIZE)
         assert len(config) == 60
@@ -139,8 +153,10 @@ async def driver_write_through(harness: Harness) -> None:
     await driver.write(0, b"w" * SECTOR_SIZE)
 
 
-async def test_scatter_gather_request_over_many_segments(image: int) -> None:
-    async with blk(image) as (_, driver):
+async def test_scatter_gather_request_over_many_segments(
+    image: int, device_class: type[BlkDevice]
+) -> None:
+    async with blk(device_class, image) as (_, driver):
         data = os.urandom(8 * SECTOR_SIZE)
         header = REQUEST_HEADER.pack(RequestType.OUT, 0, 40)
         pieces = [data[i : i + 700] for i in range(0, len(data), 700)]
