@@ -39,6 +39,7 @@ from .proto.constants import FrontendReq, VirtioFeature
 from .proto.messages import (
     U64,
     ConfigSpace,
+    MemRegion,
     SingleMemRegion,
     VringAddr,
     VringFile,
@@ -86,6 +87,8 @@ class Session:
             protocol_features=device.offered_protocol_features(),
         )
         self.memory = MemoryTable.empty()
+        #: How many ADD_MEM_REG owners each region has (see _add_mem_reg).
+        self.region_refs: dict[tuple[int, int, int, int], int] = {}
         self.slots = [VringSlot(index) for index in range(device.num_queues)]
         self.status = 0
         self.backend_channel: OwnedFd | None = None
@@ -122,7 +125,11 @@ class Session:
             return None
         try:
             header = self.protocol.receive_header(data, len(fds))
-            body = await self.transport.receive_exactly(header.size) if header.size else b""
+            body = (
+                await self.transport.receive_exactly(header.size)
+                if header.size
+                else b""
+            )
             request = self.protocol.receive(header, body, tuple(fds))
         except BaseException:
             close_all(fds)
@@ -140,7 +147,12 @@ class Session:
         reply: Body | bytes | None
         try:
             reply = await handler(self, request)
-        except (UnsupportedRequest, DeviceError, GuestMemoryError, VirtqueueError) as exc:
+        except (
+            UnsupportedRequest,
+            DeviceError,
+            GuestMemoryError,
+            VirtqueueError,
+        ) as exc:
             ok = False
             reply = _failure_reply(request)
             LOGGER.warning("%s failed: %s", request.code.name, exc)
@@ -205,7 +217,9 @@ class Session:
         msg = request.expect(ConfigSpace)
         data = self.device.read_config(msg.offset, msg.size)
         if len(data) != msg.size:
-            raise DeviceError(f"device returned {len(data)} config bytes, {msg.size} asked")
+            raise DeviceError(
+                f"device returned {len(data)} config bytes, {msg.size} asked"
+            )
         return ConfigSpace(msg.offset, msg.size, msg.flags, data)
 
     async def _set_config(self, request: Request) -> None:
@@ -225,15 +239,25 @@ class Session:
         try:
             for desc, owned in zip(msg.regions, request.fds, strict=True):
                 regions.append(_map_region(desc, owned))
-            table = MemoryTable.from_regions(regions, generation=self.memory.generation + 1)
+            table = MemoryTable.from_regions(
+                regions, generation=self.memory.generation + 1
+            )
         except BaseException:
             for region in regions:
                 region.close()
             raise
         await self._swap_memory(table)
+        self.region_refs = {_region_key(desc): 1 for desc in msg.regions}
 
     async def _add_mem_reg(self, request: Request) -> None:
         desc = request.expect(SingleMemRegion).region
+        key = _region_key(desc)
+        if key in self.region_refs:
+            # QEMU keeps one region list per vhost device, and a net device has one vhost
+            # device per queue pair on the same socket: every pair adds the same region.
+            # Count the owners so that a region goes away with its last REM_MEM_REG.
+            self.region_refs[key] += 1
+            return
         region = _map_region(desc, request.fds[0])
         try:
             table = self.memory.with_region(region)
@@ -241,12 +265,18 @@ class Session:
             region.close()
             raise
         await self._swap_memory(table, close_old=False)
+        self.region_refs[key] = 1
 
     async def _rem_mem_reg(self, request: Request) -> None:
         desc = request.expect(SingleMemRegion).region
+        key = _region_key(desc)
+        if self.region_refs.get(key, 0) > 1:
+            self.region_refs[key] -= 1
+            return
         table, removed = self.memory.without_region(
             desc.guest_phys_addr, desc.memory_size, desc.userspace_addr
         )
+        self.region_refs.pop(key, None)
         await self._swap_memory(table, close_old=False)
         removed.close()
 
@@ -272,14 +302,18 @@ class Session:
 
     def _slot(self, index: int) -> VringSlot:
         if not 0 <= index < len(self.slots):
-            raise RemoteProtocolError(f"vring index {index} out of range ({len(self.slots)})")
+            raise RemoteProtocolError(
+                f"vring index {index} out of range ({len(self.slots)})"
+            )
         return self.slots[index]
 
     def _stopped_slot(self, index: int) -> VringSlot:
         slot = self._slot(index)
         self._reap_if_finished(slot)
         if slot.worker is not None:
-            raise DeviceError(f"vring {index} is running; stop it with GET_VRING_BASE first")
+            raise DeviceError(
+                f"vring {index} is running; stop it with GET_VRING_BASE first"
+            )
         return slot
 
     async def _set_vring_num(self, request: Request) -> None:
@@ -287,7 +321,9 @@ class Session:
         slot = self._stopped_slot(msg.index)
         limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
         if not 0 < msg.num <= limit or msg.num & (msg.num - 1):
-            raise DeviceError(f"vring {msg.index}: size {msg.num} not a power of 2 <= {limit}")
+            raise DeviceError(
+                f"vring {msg.index}: size {msg.num} not a power of 2 <= {limit}"
+            )
         slot.num = msg.num
 
     async def _set_vring_addr(self, request: Request) -> None:
@@ -300,7 +336,9 @@ class Session:
         msg = request.expect(VringState)
         slot = self._stopped_slot(msg.index)
         if msg.num > 0xFFFF:
-            raise DeviceError(f"vring {msg.index}: split-ring base {msg.num} exceeds 16 bits")
+            raise DeviceError(
+                f"vring {msg.index}: split-ring base {msg.num} exceeds 16 bits"
+            )
         slot.base = msg.num
         slot.used_base = None
 
@@ -348,7 +386,9 @@ class Session:
         msg = request.expect(VringState)
         slot = self._slot(msg.index)
         if msg.num not in (0, 1):
-            raise RemoteProtocolError(f"SET_VRING_ENABLE num must be 0 or 1, got {msg.num}")
+            raise RemoteProtocolError(
+                f"SET_VRING_ENABLE num must be 0 or 1, got {msg.num}"
+            )
         slot.enabled = bool(msg.num)
         if slot.worker is not None:
             slot.worker.nudge()
@@ -366,7 +406,9 @@ class Session:
         return Success(True)
 
     async def _unsupported(self, request: Request) -> None:
-        raise UnsupportedRequest(f"{request.code.name} is not supported by this backend")
+        raise UnsupportedRequest(
+            f"{request.code.name} is not supported by this backend"
+        )
 
     # -- ring start and stop -----------------------------------------------------------
 
@@ -389,10 +431,19 @@ class Session:
         handle = RingWorkerHandle()
         slot.worker = handle
         LOGGER.info(
-            "vring %d started at avail=%d used=%d", slot.index, queue.next_avail, queue.next_used
+            "vring %d started at avail=%d used=%d",
+            slot.index,
+            queue.next_avail,
+            queue.next_used,
         )
         self._nursery.start_soon(
-            _run_worker, slot, queue, self.memory, self.device, handle, name=f"vring-{slot.index}"
+            _run_worker,
+            slot,
+            queue,
+            self.memory,
+            self.device,
+            handle,
+            name=f"vring-{slot.index}",
         )
 
     def _queue_state(self, slot: VringSlot) -> QueueState:
@@ -403,7 +454,9 @@ class Session:
             avail = self.memory.uva_to_gpa(slot.addr.avail_user_addr, 6 + 2 * slot.num)
             used = self.memory.uva_to_gpa(slot.addr.used_user_addr, 6 + 8 * slot.num)
         except GuestMemoryError as exc:
-            raise VirtqueueError(f"vring {slot.index}: ring outside guest memory") from exc
+            raise VirtqueueError(
+                f"vring {slot.index}: ring outside guest memory"
+            ) from exc
         used_idx = slot.used_base
         if used_idx is None:
             # The used index lives in guest memory: read it there, as it may be ahead of
@@ -424,7 +477,9 @@ class Session:
         """Soft-stop the ring's worker at a chain boundary; record where it stopped."""
         await self._stop_rings([slot])
 
-    async def _stop_rings(self, slots: Sequence[VringSlot], *, hard: bool = False) -> None:
+    async def _stop_rings(
+        self, slots: Sequence[VringSlot], *, hard: bool = False
+    ) -> None:
         """Stop the workers of ``slots`` together and record where each stopped.
 
         Soft stops (the default) let each worker finish its batch; they share one
@@ -444,7 +499,9 @@ class Session:
             for slot, handle in handles:
                 if not handle.stopped.is_set():
                     LOGGER.error(
-                        "vring %d did not stop within %.1fs: cancelled", slot.index, STOP_GRACE
+                        "vring %d did not stop within %.1fs: cancelled",
+                        slot.index,
+                        STOP_GRACE,
                     )
                     handle.scope.cancel()
             for _, handle in handles:
@@ -460,7 +517,10 @@ class Session:
         if state is not None:
             slot.base, slot.used_base = state.next_avail, state.next_used
             LOGGER.info(
-                "vring %d stopped at avail=%d used=%d", slot.index, slot.base, slot.used_base
+                "vring %d stopped at avail=%d used=%d",
+                slot.index,
+                slot.base,
+                slot.used_base,
             )
 
     def _reap_if_finished(self, slot: VringSlot) -> None:
@@ -494,6 +554,15 @@ async def _run_worker(
     handle: RingWorkerHandle,
 ) -> None:
     await run_vring(slot=slot, queue=queue, memory=memory, device=device, handle=handle)
+
+
+def _region_key(desc: MemRegion) -> tuple[int, int, int, int]:
+    return (
+        desc.guest_phys_addr,
+        desc.memory_size,
+        desc.userspace_addr,
+        desc.mmap_offset,
+    )
 
 
 def _map_region(desc: object, owned: OwnedFd) -> MemoryRegion:
