@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .errors import UnsupportedRequest
+from .errors import DeviceError, UnsupportedRequest
 from .proto.constants import ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
@@ -50,9 +50,13 @@ LIBRARY_FEATURES = (
     | VirtioFeature.RING_EVENT_IDX
 )
 
-#: Protocol features the library implements for every device.
+#: Protocol features the library implements for every device. DEVICE_STATE (bit 19) is
+#: beyond QEMU 7.2's mask (bits 0-16): such a frontend never sees it.
 LIBRARY_PROTOCOL_FEATURES = (
-    ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE
+    ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.DEVICE_STATE
 )
 
 
@@ -92,6 +96,15 @@ class Device:
     device_features: ClassVar[int] = 0
     #: Protocol features the device needs on top of the library's (e.g. CONFIG, MQ).
     device_protocol_features: ClassVar[ProtocolFeature] = ProtocolFeature(0)
+    #: Offer the STATUS protocol feature (SET_STATUS / GET_STATUS). An opt-in: QEMU 7.2
+    #: acks it whenever it is offered and then drives the device through the status byte:
+    #: GET_STATUS + SET_STATUS(FEATURES_OK) after SET_FEATURES, DRIVER_OK only after the
+    #: rings were started (so processing is never gated on DRIVER_OK), and SET_STATUS(0)
+    #: before the GET_VRING_BASE of each ring when it stops the device (also for a VM
+    #: pause). The session answers status 0 by stopping every ring where it is, keeping
+    #: the indices GET_VRING_BASE reports and the device's state (a pause is no reset).
+    #: Opt in when that is right for the device.
+    offers_status: ClassVar[bool] = False
 
     # -- negotiation -------------------------------------------------------------------
 
@@ -101,7 +114,10 @@ class Device:
 
     def offered_protocol_features(self) -> int:
         """Return the protocol feature bits offered in GET_PROTOCOL_FEATURES."""
-        return int(LIBRARY_PROTOCOL_FEATURES | self.device_protocol_features)
+        features = LIBRARY_PROTOCOL_FEATURES | self.device_protocol_features
+        if self.offers_status:
+            features |= ProtocolFeature.STATUS
+        return int(features)
 
     def ack_features(self, features: int) -> None:
         """Take note of the virtio features the driver acked (SET_FEATURES)."""
@@ -135,6 +151,28 @@ class Device:
 
     def queue_stopped(self, index: int) -> None:
         """Called when a vring's worker has stopped at a chain boundary."""
+
+    # -- device state (SNAPSHOT / RESTORE, SET_DEVICE_STATE_FD) ----------------------------
+
+    def save_state(self) -> bytes:
+        """Return the device's own state, to be restored by :meth:`load_state`.
+
+        Called only while every ring is stopped. The bytes go into the snapshot as they
+        are (:mod:`trio_vhost.snapshot`); version them. The default, for a device without
+        state beyond what the session snapshots itself, is ``b""``.
+        """
+        return b""
+
+    def load_state(self, data: bytes) -> None:
+        """Take over the state :meth:`save_state` returned, on a fresh device.
+
+        Called only while every ring is stopped, before any ring restarts. Must either
+        apply all of ``data`` or change nothing and raise
+        :class:`~trio_vhost.errors.DeviceError` (malformed bytes, another version, a
+        device configured differently). The default accepts only ``b""``.
+        """
+        if data:
+            raise DeviceError(f"this device keeps no state, the snapshot has {len(data)} bytes")
 
     # -- data path ---------------------------------------------------------------------
 

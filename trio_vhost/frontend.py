@@ -10,6 +10,7 @@ benchmarks and ``trio-vhost selfcheck`` use them.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Final, final
 
@@ -25,9 +26,12 @@ from .proto.messages import (
     U64,
     Body,
     ConfigSpace,
+    DeviceStateTransfer,
     MemoryTable,
     MemRegion,
     SingleMemRegion,
+    Snapshot,
+    Success,
     VringAddr,
     VringFile,
     VringState,
@@ -241,9 +245,122 @@ class Frontend:
         assert isinstance(reply, VringState)
         return reply.num
 
+    # -- lifecycle: status, reset, crosvm's SLEEP/WAKE/SNAPSHOT/RESTORE, DEVICE_STATE --------
+
+    async def set_status(self, status: int) -> None:
+        """SET_STATUS (STATUS); a checkpoint."""
+        await self.request(FrontendReq.SET_STATUS, U64(status))
+
+    async def get_status(self) -> int:
+        """GET_STATUS (STATUS); a checkpoint."""
+        return await self._u64(FrontendReq.GET_STATUS)
+
+    async def reset_device(self) -> None:
+        """RESET_DEVICE (RESET_DEVICE); a checkpoint."""
+        await self.request(FrontendReq.RESET_DEVICE)
+
+    async def _succeed(
+        self, code: FrontendReq, body: bytes | None = None, fds: Sequence[int] = ()
+    ) -> Body:
+        reply = await self.request(code, body, fds=fds, need_reply=False)
+        if not isinstance(reply, Success | Snapshot) or not reply.ok:
+            raise RequestNacked(f"{code.name} failed")
+        return reply
+
+    async def sleep(self) -> None:
+        """crosvm SLEEP: stop every ring at a chain boundary; a checkpoint.
+
+        Raises :class:`RequestNacked` if the backend reports failure.
+        """
+        await self._succeed(FrontendReq.SLEEP)
+
+    async def wake(self) -> None:
+        """crosvm WAKE: restart the rings where they stopped; a checkpoint."""
+        await self._succeed(FrontendReq.WAKE)
+
+    async def snapshot(self) -> bytes:
+        """crosvm SNAPSHOT of a sleeping backend: return its snapshot bytes; a checkpoint."""
+        reply = await self._succeed(FrontendReq.SNAPSHOT)
+        assert isinstance(reply, Snapshot)
+        return reply.data
+
+    async def restore(self, data: bytes, kicks: Sequence[EventFd | int] = ()) -> None:
+        """crosvm RESTORE: ``kicks[i]`` is ring ``i``'s kick eventfd; a checkpoint.
+
+        The memory table must be set first; the backend stays asleep until :meth:`wake`.
+        """
+        fds = [kick if isinstance(kick, int) else kick.fd for kick in kicks]
+        await self._succeed(FrontendReq.RESTORE, data, fds)
+
+    async def set_device_state_fd(self, direction: int, fd: int) -> None:
+        """SET_DEVICE_STATE_FD (DEVICE_STATE) with ``fd`` as the backend's end; a checkpoint.
+
+        ``direction`` is :attr:`DeviceStateTransfer.SAVE` or ``LOAD``. Raises
+        :class:`RequestNacked` for an error code, and :class:`VhostUserError` if the
+        backend answers with a channel of its own (this frontend does not take one).
+        """
+        reply = await self.request(
+            FrontendReq.SET_DEVICE_STATE_FD,
+            DeviceStateTransfer(direction, DeviceStateTransfer.STOPPED),
+            fds=[fd],
+            need_reply=False,
+        )
+        assert isinstance(reply, U64)
+        if reply.value & 0xFF:
+            raise RequestNacked(f"SET_DEVICE_STATE_FD failed ({reply.value & 0xFF})")
+        if not reply.value & 0x100:
+            raise VhostUserError("the backend offered its own state channel")
+
+    async def check_device_state(self) -> int:
+        """CHECK_DEVICE_STATE: 0 if the last transfer succeeded; a checkpoint."""
+        return await self._u64(FrontendReq.CHECK_DEVICE_STATE)
+
+    async def save_device_state(self) -> bytes:
+        """Read the backend's state through a pipe (save), then check it; a checkpoint.
+
+        Raises :class:`RequestNacked` if the backend refuses or reports a failed transfer.
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            await self.set_device_state_fd(DeviceStateTransfer.SAVE, write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        chunks = []
+        async with trio.lowlevel.FdStream(read_end) as stream:
+            while chunk := await stream.receive_some(65536):
+                chunks.append(chunk)
+        if await self.check_device_state():
+            raise RequestNacked("CHECK_DEVICE_STATE reports a failed save")
+        return b"".join(chunks)
+
+    async def load_device_state(self, data: bytes) -> None:
+        """Write ``data`` to the backend through a pipe (load), then check; a checkpoint.
+
+        Raises :class:`RequestNacked` if the backend refuses or reports a failed load.
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            await self.set_device_state_fd(DeviceStateTransfer.LOAD, read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        async with trio.lowlevel.FdStream(write_end) as stream:
+            try:
+                await stream.send_all(data)
+            except trio.BrokenResourceError:
+                pass  # the backend gave up reading; CHECK_DEVICE_STATE says why
+        if await self.check_device_state():
+            raise RequestNacked("CHECK_DEVICE_STATE reports a failed load")
+
 
 _U64_REPLIES: Final = frozenset(
     {
+        FrontendReq.SET_DEVICE_STATE_FD,
         FrontendReq.GET_FEATURES,
         FrontendReq.GET_PROTOCOL_FEATURES,
         FrontendReq.GET_QUEUE_NUM,

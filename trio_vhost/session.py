@@ -18,7 +18,10 @@ Error policy (README, "Errors"):
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -28,6 +31,7 @@ from ._io.eventfd import EventFd
 from .errors import (
     DeviceError,
     GuestMemoryError,
+    LocalProtocolError,
     RemoteProtocolError,
     UnsupportedRequest,
     VirtqueueError,
@@ -39,6 +43,7 @@ from .proto.constants import FrontendReq, VirtioFeature
 from .proto.messages import (
     U64,
     ConfigSpace,
+    DeviceStateTransfer,
     MemRegion,
     SingleMemRegion,
     VringAddr,
@@ -48,8 +53,9 @@ from .proto.messages import (
 from .proto.messages import (
     MemoryTable as MemoryTableMsg,
 )
-from .proto.messages_ext import Success
+from .proto.messages_ext import MAX_SNAPSHOT_SIZE, Snapshot, Success
 from .slot import RingWorkerHandle, VringSlot
+from .snapshot import RingAddress, RingSnapshot, SnapshotError, StateSnapshot
 from .vring.split import SplitQueue
 from .vring.state import QueueState
 from .worker import run_vring
@@ -67,8 +73,25 @@ LOGGER = logging.getLogger(__name__)
 STOP_GRACE: Final = 5.0
 #: The largest queue size a split ring can have.
 MAX_QUEUE_SIZE: Final = 32768
+#: How long CHECK_DEVICE_STATE waits for a transfer whose pipe the frontend keeps open.
+TRANSFER_GRACE: Final = 5.0
+#: SET_DEVICE_STATE_FD reply bits: the error code (bits 0-7) and "no fd returned" (bit 8).
+_TRANSFER_FAILED: Final = 1
+_NOFD: Final = 0x100
+#: Virtio device status: the device sets DEVICE_NEEDS_RESET after an error it cannot fix.
+_STATUS_NEEDS_RESET: Final = 0x40
 
 _Handler = Callable[["Session", Request], Awaitable["Body | bytes | None"]]
+
+
+@dataclass(eq=False)
+class _Transfer:
+    """One SET_DEVICE_STATE_FD transfer running in the background."""
+
+    direction: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
 
 
 class Session:
@@ -92,9 +115,11 @@ class Session:
         self.slots = [VringSlot(index) for index in range(device.num_queues)]
         self.status = 0
         self.backend_channel: OwnedFd | None = None
-        #: SLEEP was received: no worker may start until WAKE.
+        #: SLEEP (or RESTORE) was received: no worker may start until WAKE.
         self.sleeping = False
         self._nursery: trio.Nursery | None = None
+        #: The last SET_DEVICE_STATE_FD transfer (CHECK_DEVICE_STATE reports on it).
+        self._transfer: _Transfer | None = None
 
     # -- the control loop --------------------------------------------------------------
 
@@ -106,14 +131,18 @@ class Session:
         :class:`~trio_vhost.errors.Disconnect` when the connection must be dropped.
         """
         self._nursery = nursery
-        while True:
-            request = await self._receive()
-            if request is None:
-                return
-            try:
-                await self._dispatch(request)
-            finally:
-                close_all(request.fds)
+        try:
+            while True:
+                request = await self._receive()
+                if request is None:
+                    return
+                try:
+                    await self._dispatch(request)
+                finally:
+                    close_all(request.fds)
+        finally:
+            # A transfer pipe the frontend never closes must not keep the nursery open.
+            self._cancel_transfer()
 
     async def _receive(self) -> Request | None:
         from .errors import ClientExit
@@ -125,11 +154,7 @@ class Session:
             return None
         try:
             header = self.protocol.receive_header(data, len(fds))
-            body = (
-                await self.transport.receive_exactly(header.size)
-                if header.size
-                else b""
-            )
+            body = await self.transport.receive_exactly(header.size) if header.size else b""
             request = self.protocol.receive(header, body, tuple(fds))
         except BaseException:
             close_all(fds)
@@ -147,12 +172,7 @@ class Session:
         reply: Body | bytes | None
         try:
             reply = await handler(self, request)
-        except (
-            UnsupportedRequest,
-            DeviceError,
-            GuestMemoryError,
-            VirtqueueError,
-        ) as exc:
+        except (UnsupportedRequest, DeviceError, GuestMemoryError, VirtqueueError) as exc:
             ok = False
             reply = _failure_reply(request)
             LOGGER.warning("%s failed: %s", request.code.name, exc)
@@ -198,17 +218,44 @@ class Session:
         return U64(MAX_MEM_SLOTS)
 
     async def _set_status(self, request: Request) -> None:
-        self.status = request.expect(U64).value & 0xFF
+        """SET_STATUS: record the status byte; 0 (a reset) stops every ring where it is.
+
+        A vhost-user frontend sends 0 when it stops the device (QEMU also for a VM pause,
+        right before GET_VRING_BASE), so the rings keep the indices GET_VRING_BASE reports
+        and the device keeps its state; the frontend sets each ring up again to restart.
+        """
+        status = request.expect(U64).value & 0xFF
+        if status == 0:
+            await self.stop_all_rings(hard=False)
+        self.status = status
 
     async def _get_status(self, request: Request) -> Body:
-        return U64(self.status)
+        for slot in self.slots:
+            self._reap_if_finished(slot)
+        broken = any(slot.broken for slot in self.slots)
+        return U64(self.status | (_STATUS_NEEDS_RESET if broken else 0))
 
     async def _reset(self, request: Request) -> None:
+        """RESET_DEVICE (and the deprecated RESET_OWNER, which QEMU sends in its place).
+
+        Spec: "disable all rings and reset all internal device state to the initial state,
+        ready to be reinitialized. The back-end retains ownership". Every ring is stopped
+        at a chain boundary and forgotten with its eventfds; the acked virtio features,
+        the status byte, SLEEP and any device state transfer go; the device resets. What
+        belongs to the connection stays: the protocol features (REPLY_ACK must keep
+        working), the memory table (the frontend's mappings, replaced by its next
+        SET_MEM_TABLE) and the back-end channel. The spec warns that dropping connection
+        state on RESET_OWNER "would lead to bugs".
+        """
+        self._cancel_transfer()
+        self._transfer = None
         await self.stop_all_rings(hard=False)
         for slot in self.slots:
             slot.close_fds()
         self.slots = [VringSlot(index) for index in range(self.device.num_queues)]
         self.status = 0
+        self.sleeping = False
+        self.protocol.acked_features = 0
         self.device.reset()
 
     # -- config space ------------------------------------------------------------------
@@ -217,9 +264,7 @@ class Session:
         msg = request.expect(ConfigSpace)
         data = self.device.read_config(msg.offset, msg.size)
         if len(data) != msg.size:
-            raise DeviceError(
-                f"device returned {len(data)} config bytes, {msg.size} asked"
-            )
+            raise DeviceError(f"device returned {len(data)} config bytes, {msg.size} asked")
         return ConfigSpace(msg.offset, msg.size, msg.flags, data)
 
     async def _set_config(self, request: Request) -> None:
@@ -239,9 +284,7 @@ class Session:
         try:
             for desc, owned in zip(msg.regions, request.fds, strict=True):
                 regions.append(_map_region(desc, owned))
-            table = MemoryTable.from_regions(
-                regions, generation=self.memory.generation + 1
-            )
+            table = MemoryTable.from_regions(regions, generation=self.memory.generation + 1)
         except BaseException:
             for region in regions:
                 region.close()
@@ -302,18 +345,14 @@ class Session:
 
     def _slot(self, index: int) -> VringSlot:
         if not 0 <= index < len(self.slots):
-            raise RemoteProtocolError(
-                f"vring index {index} out of range ({len(self.slots)})"
-            )
+            raise RemoteProtocolError(f"vring index {index} out of range ({len(self.slots)})")
         return self.slots[index]
 
     def _stopped_slot(self, index: int) -> VringSlot:
         slot = self._slot(index)
         self._reap_if_finished(slot)
         if slot.worker is not None:
-            raise DeviceError(
-                f"vring {index} is running; stop it with GET_VRING_BASE first"
-            )
+            raise DeviceError(f"vring {index} is running; stop it with GET_VRING_BASE first")
         return slot
 
     async def _set_vring_num(self, request: Request) -> None:
@@ -321,9 +360,7 @@ class Session:
         slot = self._stopped_slot(msg.index)
         limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
         if not 0 < msg.num <= limit or msg.num & (msg.num - 1):
-            raise DeviceError(
-                f"vring {msg.index}: size {msg.num} not a power of 2 <= {limit}"
-            )
+            raise DeviceError(f"vring {msg.index}: size {msg.num} not a power of 2 <= {limit}")
         slot.num = msg.num
 
     async def _set_vring_addr(self, request: Request) -> None:
@@ -336,9 +373,7 @@ class Session:
         msg = request.expect(VringState)
         slot = self._stopped_slot(msg.index)
         if msg.num > 0xFFFF:
-            raise DeviceError(
-                f"vring {msg.index}: split-ring base {msg.num} exceeds 16 bits"
-            )
+            raise DeviceError(f"vring {msg.index}: split-ring base {msg.num} exceeds 16 bits")
         slot.base = msg.num
         slot.used_base = None
 
@@ -386,9 +421,7 @@ class Session:
         msg = request.expect(VringState)
         slot = self._slot(msg.index)
         if msg.num not in (0, 1):
-            raise RemoteProtocolError(
-                f"SET_VRING_ENABLE num must be 0 or 1, got {msg.num}"
-            )
+            raise RemoteProtocolError(f"SET_VRING_ENABLE num must be 0 or 1, got {msg.num}")
         slot.enabled = bool(msg.num)
         if slot.worker is not None:
             slot.worker.nudge()
@@ -405,10 +438,240 @@ class Session:
         self._start_pending()
         return Success(True)
 
-    async def _unsupported(self, request: Request) -> None:
-        raise UnsupportedRequest(
-            f"{request.code.name} is not supported by this backend"
+    async def _snapshot(self, request: Request) -> Body:
+        """SNAPSHOT: the state of a sleeping backend (:mod:`trio_vhost.snapshot`)."""
+        if not self.sleeping:
+            raise DeviceError("SNAPSHOT needs a sleeping backend: send SLEEP first")
+        data = self._capture().encode()
+        if not Snapshot.size_ok(1 + len(data)):
+            raise DeviceError(f"snapshot of {len(data)} bytes does not fit a reply")
+        return Snapshot(True, data)
+
+    async def _restore(self, request: Request) -> Body:
+        """RESTORE: take over a snapshot in this fresh backend; WAKE then continues.
+
+        The memory table must be set. The snapshot's virtio features, rings (size,
+        addresses through their guest-physical addresses, indices, enabled/started) and
+        device state replace this backend's; kick eventfd ``i`` of the message goes to
+        ring ``i``, and a ring that was started needs one. Nothing changes unless all of
+        it applies. The backend is then asleep: no ring runs until WAKE.
+        """
+        snap = StateSnapshot.decode(request.expect(bytes))
+        if not self.memory.regions:
+            raise DeviceError("RESTORE needs the memory table: send SET_MEM_TABLE first")
+        self._require_stopped("RESTORE")
+        self._check_fits(snap)
+        kicks = request.fds
+        if len(kicks) > len(snap.rings):
+            raise SnapshotError(
+                f"RESTORE carries {len(kicks)} kick fds for {len(snap.rings)} rings"
+            )
+        addrs = [self._restored_addr(ring) for ring in snap.rings]
+        for ring in snap.rings:
+            if ring.started and ring.index >= len(kicks):
+                raise SnapshotError(f"vring {ring.index} was started but has no kick eventfd")
+        self._load_device(snap.device_state)
+        # Nothing below can fail: the snapshot is taken over whole.
+        self.protocol.acked_features = snap.features
+        self.device.ack_features(snap.features)
+        for ring, addr in zip(snap.rings, addrs, strict=True):
+            slot = self.slots[ring.index]
+            if ring.index < len(kicks):
+                if slot.kick is not None:
+                    slot.kick.close()
+                slot.kick = EventFd(OwnedFd(kicks[ring.index].detach()))
+            slot.num = ring.size
+            slot.addr = addr
+            slot.base = ring.next_avail
+            slot.used_base = ring.next_used
+            slot.enabled = ring.enabled
+            slot.started = ring.started
+            slot.broken = ring.broken
+        self.sleeping = True
+        LOGGER.info("restored %d rings; asleep until WAKE", len(snap.rings))
+        return Success(True)
+
+    # -- device state transfer (DEVICE_STATE) ------------------------------------------
+
+    async def _set_device_state_fd(self, request: Request) -> Body:
+        """SET_DEVICE_STATE_FD: save the snapshot into the fd, or load one from it.
+
+        Only while every ring is stopped (spec: the "stopped" phase, device suspended).
+        The transfer runs in the background, since the frontend reads or writes the pipe
+        only after this reply; we never offer a channel of our own (NOFD is set).
+        """
+        msg = request.expect(DeviceStateTransfer)
+        self._cancel_transfer()
+        self._transfer = None
+        self._require_stopped("SET_DEVICE_STATE_FD")
+        owned = request.fds[0]
+        mode = os.fstat(owned.fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise DeviceError("the device state channel must be a pipe or a socket")
+        data = self._capture().encode() if msg.direction == DeviceStateTransfer.SAVE else b""
+        assert self._nursery is not None
+        transfer = _Transfer(msg.direction)
+        self._transfer = transfer
+        self._nursery.start_soon(self._run_transfer, transfer, owned.detach(), data)
+        return U64(_NOFD)
+
+    async def _check_device_state(self, request: Request) -> Body:
+        """CHECK_DEVICE_STATE: 0 once the last transfer has fully succeeded, else 1."""
+        transfer = self._transfer
+        if transfer is None:
+            raise DeviceError("CHECK_DEVICE_STATE without a device state transfer")
+        with trio.move_on_after(TRANSFER_GRACE):
+            await transfer.done.wait()
+        if not transfer.done.is_set():
+            LOGGER.warning("device state transfer still open after %.1fs", TRANSFER_GRACE)
+            transfer.scope.cancel()
+            await transfer.done.wait()
+        return U64(0 if transfer.ok else 1)
+
+    async def _run_transfer(self, transfer: _Transfer, fd: int, data: bytes) -> None:
+        stream = trio.lowlevel.FdStream(fd)
+        try:
+            with transfer.scope:
+                if transfer.direction == DeviceStateTransfer.SAVE:
+                    await stream.send_all(data)
+                else:
+                    received = await _read_to_eof(stream, MAX_SNAPSHOT_SIZE)
+                    self._load_state(received)
+                transfer.ok = True
+        except Exception as exc:
+            # I/O errors, a refused snapshot, a bug in Device.load_state: the transfer
+            # fails (CHECK_DEVICE_STATE says so), the connection stays.
+            LOGGER.warning("device state transfer failed: %s", exc)
+        finally:
+            stream.close()
+            transfer.done.set()
+        LOGGER.info("device state transfer %s", "done" if transfer.ok else "failed")
+
+    def _load_state(self, data: bytes) -> None:
+        """Apply a snapshot received over SET_DEVICE_STATE_FD (load).
+
+        The frontend sets features and rings up again itself after a load (spec,
+        "Migrating back-end state"), so only the device's state is taken over; the rest
+        is checked to fit this backend.
+        """
+        snap = StateSnapshot.decode(data)
+        self._require_stopped("a device state load")
+        self._check_fits(snap)
+        self._load_device(snap.device_state)
+
+    def _cancel_transfer(self) -> None:
+        if self._transfer is not None:
+            self._transfer.scope.cancel()
+
+    # -- snapshot helpers --------------------------------------------------------------
+
+    def _require_stopped(self, what: str) -> None:
+        """Raise unless every ring is stopped (the device is suspended or asleep)."""
+        for slot in self.slots:
+            self._reap_if_finished(slot)
+            if slot.worker is not None or (slot.started and not self.sleeping):
+                raise DeviceError(f"{what} needs every ring stopped; vring {slot.index} is not")
+
+    def _check_fits(self, snap: StateSnapshot) -> None:
+        """Raise unless this backend can take over ``snap``."""
+        if len(snap.rings) != len(self.slots):
+            raise SnapshotError(
+                f"snapshot of {len(snap.rings)} rings, device has {len(self.slots)}"
+            )
+        extra = snap.features & ~self.protocol.offered_features
+        if extra:
+            raise SnapshotError(f"snapshot features {extra:#x} are not offered here")
+        extra = snap.protocol_features & ~self.protocol.offered_protocol_features
+        if extra:
+            raise SnapshotError(f"snapshot protocol features {extra:#x} are not offered here")
+        limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
+        for ring in snap.rings:
+            if ring.size > limit:
+                raise SnapshotError(f"vring {ring.index}: size {ring.size} above {limit}")
+
+    def _load_device(self, data: bytes) -> None:
+        try:
+            self.device.load_state(data)
+        except Exception as exc:
+            # load_state changes nothing when it raises (its contract): a refusal.
+            raise SnapshotError(f"device state refused: {exc}") from exc
+
+    def _capture(self) -> StateSnapshot:
+        """Snapshot the backend; every ring must be stopped."""
+        event_idx = bool(self.protocol.acked_features & VirtioFeature.RING_EVENT_IDX)
+        rings = []
+        for slot in self.slots:
+            self._reap_if_finished(slot)
+            assert slot.worker is None, "snapshot of a running ring"
+            address = None
+            if slot.addr is not None:
+                a = slot.addr
+                address = RingAddress(
+                    a.flags, a.desc_user_addr, a.avail_user_addr, a.used_user_addr, a.log_guest_addr
+                )
+            rings.append(
+                RingSnapshot(
+                    index=slot.index,
+                    size=slot.num,
+                    enabled=slot.enabled,
+                    started=slot.started,
+                    broken=slot.broken,
+                    address=address,
+                    gpas=self._ring_gpas(slot),
+                    next_avail=slot.base,
+                    next_used=slot.used_base,
+                    event_idx=event_idx,
+                )
+            )
+        return StateSnapshot(
+            features=self.protocol.acked_features,
+            protocol_features=self.protocol.acked_protocol_features,
+            rings=tuple(rings),
+            device_state=self.device.save_state(),
         )
+
+    def _ring_gpas(self, slot: VringSlot) -> tuple[int, int, int] | None:
+        """The guest-physical addresses of the ring's parts, if the memory table maps them."""
+        if slot.addr is None or slot.num == 0:
+            return None
+        try:
+            return (
+                self.memory.uva_to_gpa(slot.addr.desc_user_addr, 16 * slot.num),
+                self.memory.uva_to_gpa(slot.addr.avail_user_addr, 6 + 2 * slot.num),
+                self.memory.uva_to_gpa(slot.addr.used_user_addr, 6 + 8 * slot.num),
+            )
+        except GuestMemoryError:
+            return None
+
+    def _restored_addr(self, ring: RingSnapshot) -> VringAddr | None:
+        """SET_VRING_ADDR for a restored ring, in this frontend's address space.
+
+        The guest-physical addresses are what survives a new frontend process, so a ring
+        that has them is placed through this memory table; one without them keeps the
+        frontend addresses it was given.
+        """
+        a = ring.address
+        if a is None:
+            return None
+        desc, avail, used = a.desc_user_addr, a.avail_user_addr, a.used_user_addr
+        if ring.gpas is not None:
+            size = ring.size
+            desc = self._gpa_to_uva(ring, ring.gpas[0], 16 * size)
+            avail = self._gpa_to_uva(ring, ring.gpas[1], 6 + 2 * size)
+            used = self._gpa_to_uva(ring, ring.gpas[2], 6 + 8 * size)
+        try:
+            return VringAddr(ring.index, a.flags, desc, used, avail, a.log_guest_addr)
+        except LocalProtocolError as exc:  # e.g. a ring address without its alignment
+            raise SnapshotError(f"vring {ring.index}: {exc}") from exc
+
+    def _gpa_to_uva(self, ring: RingSnapshot, gpa: int, length: int) -> int:
+        for region in self.memory.regions:
+            if region.gpa <= gpa and gpa + length <= region.gpa_end:
+                return region.uva + (gpa - region.gpa)
+        raise SnapshotError(f"vring {ring.index}: ring at {gpa:#x} is outside guest memory")
+
+    async def _unsupported(self, request: Request) -> None:
+        raise UnsupportedRequest(f"{request.code.name} is not supported by this backend")
 
     # -- ring start and stop -----------------------------------------------------------
 
@@ -431,19 +694,10 @@ class Session:
         handle = RingWorkerHandle()
         slot.worker = handle
         LOGGER.info(
-            "vring %d started at avail=%d used=%d",
-            slot.index,
-            queue.next_avail,
-            queue.next_used,
+            "vring %d started at avail=%d used=%d", slot.index, queue.next_avail, queue.next_used
         )
         self._nursery.start_soon(
-            _run_worker,
-            slot,
-            queue,
-            self.memory,
-            self.device,
-            handle,
-            name=f"vring-{slot.index}",
+            _run_worker, slot, queue, self.memory, self.device, handle, name=f"vring-{slot.index}"
         )
 
     def _queue_state(self, slot: VringSlot) -> QueueState:
@@ -454,9 +708,7 @@ class Session:
             avail = self.memory.uva_to_gpa(slot.addr.avail_user_addr, 6 + 2 * slot.num)
             used = self.memory.uva_to_gpa(slot.addr.used_user_addr, 6 + 8 * slot.num)
         except GuestMemoryError as exc:
-            raise VirtqueueError(
-                f"vring {slot.index}: ring outside guest memory"
-            ) from exc
+            raise VirtqueueError(f"vring {slot.index}: ring outside guest memory") from exc
         used_idx = slot.used_base
         if used_idx is None:
             # The used index lives in guest memory: read it there, as it may be ahead of
@@ -477,9 +729,7 @@ class Session:
         """Soft-stop the ring's worker at a chain boundary; record where it stopped."""
         await self._stop_rings([slot])
 
-    async def _stop_rings(
-        self, slots: Sequence[VringSlot], *, hard: bool = False
-    ) -> None:
+    async def _stop_rings(self, slots: Sequence[VringSlot], *, hard: bool = False) -> None:
         """Stop the workers of ``slots`` together and record where each stopped.
 
         Soft stops (the default) let each worker finish its batch; they share one
@@ -499,9 +749,7 @@ class Session:
             for slot, handle in handles:
                 if not handle.stopped.is_set():
                     LOGGER.error(
-                        "vring %d did not stop within %.1fs: cancelled",
-                        slot.index,
-                        STOP_GRACE,
+                        "vring %d did not stop within %.1fs: cancelled", slot.index, STOP_GRACE
                     )
                     handle.scope.cancel()
             for _, handle in handles:
@@ -517,10 +765,7 @@ class Session:
         if state is not None:
             slot.base, slot.used_base = state.next_avail, state.next_used
             LOGGER.info(
-                "vring %d stopped at avail=%d used=%d",
-                slot.index,
-                slot.base,
-                slot.used_base,
+                "vring %d stopped at avail=%d used=%d", slot.index, slot.base, slot.used_base
             )
 
     def _reap_if_finished(self, slot: VringSlot) -> None:
@@ -557,12 +802,7 @@ async def _run_worker(
 
 
 def _region_key(desc: MemRegion) -> tuple[int, int, int, int]:
-    return (
-        desc.guest_phys_addr,
-        desc.memory_size,
-        desc.userspace_addr,
-        desc.mmap_offset,
-    )
+    return (desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset)
 
 
 def _map_region(desc: object, owned: OwnedFd) -> MemoryRegion:
@@ -578,6 +818,20 @@ def _map_region(desc: object, owned: OwnedFd) -> MemoryRegion:
     )
 
 
+async def _read_to_eof(stream: trio.lowlevel.FdStream, limit: int) -> bytes:
+    """Read until end of file; more than ``limit`` bytes is a failure."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise DeviceError(f"device state larger than {limit} bytes")
+        chunks.append(chunk)
+
+
 def _failure_reply(request: Request) -> Body | None:
     """The reply a failed request with a reply of its own still owes the frontend."""
     code = request.code
@@ -589,6 +843,11 @@ def _failure_reply(request: Request) -> Body | None:
         return Success(False)
     if code is FrontendReq.SNAPSHOT:
         return Success(False)
+    if code is FrontendReq.SET_DEVICE_STATE_FD:
+        # An error code and no fd: "must not both indicate an error and return a fd".
+        return U64(_NOFD | _TRANSFER_FAILED)
+    if code is FrontendReq.CHECK_DEVICE_STATE:
+        return U64(_TRANSFER_FAILED)
     return None
 
 
@@ -618,6 +877,10 @@ _HANDLERS: Final[dict[FrontendReq, _Handler]] = {
     FrontendReq.REM_MEM_REG: Session._rem_mem_reg,
     FrontendReq.SET_STATUS: Session._set_status,
     FrontendReq.GET_STATUS: Session._get_status,
+    FrontendReq.SET_DEVICE_STATE_FD: Session._set_device_state_fd,
+    FrontendReq.CHECK_DEVICE_STATE: Session._check_device_state,
     FrontendReq.SLEEP: Session._sleep,
     FrontendReq.WAKE: Session._wake,
+    FrontendReq.SNAPSHOT: Session._snapshot,
+    FrontendReq.RESTORE: Session._restore,
 }

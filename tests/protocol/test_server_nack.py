@@ -23,7 +23,6 @@ from _raw_frontend import (
     Resources,
     fail_after,
     maps_of,
-    mem_region,
     negotiate,
     serving,
     set_mem_table,

@@ -23,6 +23,7 @@ RANKS = {
     "vring": 3,
     "_io": 3,
     "device": 4,
+    "snapshot": 4,
     "slot": 5,
     "worker": 6,
     "devices": 6,

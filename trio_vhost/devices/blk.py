@@ -13,13 +13,14 @@ import ctypes.util
 import errno
 import logging
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import numpy as np
 
 from ..device import Completion, Device, QueueContext
-from ..errors import UnsupportedRequest
+from ..errors import DeviceError, UnsupportedRequest
 from ..proto.constants import ProtocolFeature
 from .blk_spec import (
     CONFIG_SIZE,
@@ -52,6 +53,14 @@ MAX_DISCARD_SEG: Final = 16
 #: Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX: Final = 1024
 
+#: save_state(), version 1: u8 version, u8 flags (bit 0 writeback, bit 1 read-only),
+#: u16 queues, u64 capacity in sectors, 20-byte serial; little-endian. Everything but
+#: the write-cache mode is checked against the loading device, which must match.
+_STATE: Final = struct.Struct("<BBHQ20s")
+_STATE_VERSION: Final = 1
+_STATE_WRITEBACK: Final = 0x01
+_STATE_READ_ONLY: Final = 0x02
+
 _FALLOC_FL_KEEP_SIZE: Final = 0x01
 _FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
@@ -80,6 +89,10 @@ class BlkDevice(Device):
     device_protocol_features: ClassVar[ProtocolFeature] = (
         ProtocolFeature.CONFIG | ProtocolFeature.MQ
     )
+    #: STATUS suits blk: SET_STATUS(0) stops the rings where they are and keeps the
+    #: write-cache mode (QEMU sends it for a VM pause too, and does not send the mode
+    #: again on resume); nothing here waits for DRIVER_OK.
+    offers_status: ClassVar[bool] = True
 
     def __init__(
         self, image_fd: int, *, read_only: bool = False, num_queues: int = 1, serial: str = ""
@@ -138,6 +151,31 @@ class BlkDevice(Device):
 
     def reset(self) -> None:
         self.writeback = True
+
+    # -- device state ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        flags = (_STATE_WRITEBACK if self.writeback else 0) | (
+            _STATE_READ_ONLY if self.read_only else 0
+        )
+        return _STATE.pack(_STATE_VERSION, flags, self.num_queues, self.capacity, self.serial)
+
+    def load_state(self, data: bytes) -> None:
+        if len(data) != _STATE.size:
+            raise DeviceError(f"blk state of {len(data)} bytes, expected {_STATE.size}")
+        version, flags, queues, capacity, serial = _STATE.unpack(data)
+        if version != _STATE_VERSION:
+            raise DeviceError(f"blk state version {version}, expected {_STATE_VERSION}")
+        if flags & ~(_STATE_WRITEBACK | _STATE_READ_ONLY):
+            raise DeviceError(f"blk state flags {flags:#x} has unknown bits")
+        mine = (self.read_only, self.num_queues, self.capacity, self.serial)
+        theirs = (bool(flags & _STATE_READ_ONLY), queues, capacity, serial)
+        if mine != theirs:
+            raise DeviceError(
+                f"blk device (read_only, queues, sectors, serial) {mine} does not match "
+                f"the saved {theirs}"
+            )
+        self.writeback = bool(flags & _STATE_WRITEBACK)
 
     # -- data path -------------------------------------------------------------------------
 

@@ -13,10 +13,12 @@ nothing.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from ..device import Completion, Device, QueueContext
+from ..errors import DeviceError
 from ..proto.constants import ProtocolFeature
 from ..vring.chain import ChainReader, ChainWriter
 from .net_spec import (
@@ -41,6 +43,15 @@ LOGGER = logging.getLogger(__name__)
 
 #: Frames held per RX queue while the guest has no buffers posted.
 RX_BACKLOG: Final = 1024
+
+#: save_state(), version 1: u8 version, u8 reserved (0), 6-byte MAC, u16 MTU, u16 queue
+#: pairs, u64 RX frames dropped for too small a buffer; little-endian. The MAC is taken
+#: over (the guest knows its device by it, and by default it is random); MTU and pairs
+#: must match. Not saved: frames waiting in the RX backlog (a network may drop them) and
+#: the switch's MAC table, which belongs to the switch, not to one port: it learns the
+#: guest's addresses again from its next frame and floods to them until then.
+_STATE: Final = struct.Struct("<BB6sHHQ")
+_STATE_VERSION: Final = 1
 
 
 class NetPort(Device):
@@ -78,9 +89,9 @@ class NetPort(Device):
         self.switch = switch
         self.pairs = pairs
         self.num_queues = 2 * pairs
-        self.config_space = NetConfig(
-            mac=mac or random_mac(), max_virtqueue_pairs=pairs, mtu=mtu
-        ).encode()
+        self.mac = mac or random_mac()
+        self.mtu = mtu
+        self.config_space = NetConfig(mac=self.mac, max_virtqueue_pairs=pairs, mtu=mtu).encode()
         self.header_len = HEADER_SIZE
         self.port = MultiQueuePort(name, pairs, backlog=RX_BACKLOG, on_ready=self._rx_ready)
         self._wakers: dict[int, Callable[[], None]] = {}
@@ -103,6 +114,28 @@ class NetPort(Device):
         for pair in range(self.pairs):
             self.port.set_enabled(pair, False)
         self._wakers.clear()
+
+    # -- device state --------------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        return _STATE.pack(_STATE_VERSION, 0, self.mac, self.mtu, self.pairs, self.rx_too_small)
+
+    def load_state(self, data: bytes) -> None:
+        if len(data) != _STATE.size:
+            raise DeviceError(f"net state of {len(data)} bytes, expected {_STATE.size}")
+        version, reserved, mac, mtu, pairs, rx_too_small = _STATE.unpack(data)
+        if version != _STATE_VERSION or reserved:
+            raise DeviceError(f"net state version {version}, expected {_STATE_VERSION}")
+        if (mtu, pairs) != (self.mtu, self.pairs):
+            raise DeviceError(
+                f"net port (mtu, pairs) {(self.mtu, self.pairs)} does not match the saved "
+                f"{(mtu, pairs)}"
+            )
+        try:
+            config = NetConfig(mac=mac, max_virtqueue_pairs=pairs, mtu=mtu).encode()
+        except ValueError as exc:
+            raise DeviceError(f"net state: {exc}") from exc
+        self.mac, self.config_space, self.rx_too_small = mac, config, rx_too_small
 
     # -- ring lifetime -------------------------------------------------------------------------
 
