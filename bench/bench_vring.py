@@ -442,7 +442,7 @@ async def pump(vring: DriverVring, write: bool, pid: int, warmup: float, duratio
     mark, end = now + warmup, now + warmup + duration
     start: tuple[float, int, int, int, float, float] | None = None
     while True:
-        used = len(queue.get_used())
+        used = queue.consume_used()
         if used:
             n.chains += used
             queue.add_batch(used, BUFFER_LEN, write=write)
