@@ -48,6 +48,7 @@ LIBRARY_FEATURES = (
     | VirtioFeature.PROTOCOL_FEATURES
     | VirtioFeature.RING_INDIRECT_DESC
     | VirtioFeature.RING_EVENT_IDX
+    | VirtioFeature.LOG_ALL
 )
 
 #: Protocol features the library implements for every device. DEVICE_STATE (bit 19) is
@@ -57,6 +58,7 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.DEVICE_STATE
+    | ProtocolFeature.LOG_SHMFD
 )
 
 
@@ -105,6 +107,11 @@ class Device:
     #: the indices GET_VRING_BASE reports and the device's state (a pause is no reset).
     #: Opt in when that is right for the device.
     offers_status: ClassVar[bool] = False
+    #: Offer INFLIGHT_SHMFD (GET/SET_INFLIGHT_FD): the session records popped and completed
+    #: chains in a region the frontend keeps, and after a backend crash the new backend
+    #: resubmits the chains that were in flight (:mod:`trio_vhost.inflight`). An opt-in for
+    #: devices whose requests may be redone (blk); a resubmitted chain is processed again.
+    offers_inflight: ClassVar[bool] = False
 
     # -- negotiation -------------------------------------------------------------------
 
@@ -117,6 +124,8 @@ class Device:
         features = LIBRARY_PROTOCOL_FEATURES | self.device_protocol_features
         if self.offers_status:
             features |= ProtocolFeature.STATUS
+        if self.offers_inflight:
+            features |= ProtocolFeature.INFLIGHT_SHMFD
         return int(features)
 
     def ack_features(self, features: int) -> None:

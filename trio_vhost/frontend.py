@@ -16,6 +16,7 @@ from typing import Final, final
 
 import trio
 
+from ._fd import OwnedFd, close_all
 from ._io.eventfd import EventFd
 from ._io.transport import UnixTransport, open_unix_connection
 from .errors import VhostUserError
@@ -27,6 +28,7 @@ from .proto.messages import (
     Body,
     ConfigSpace,
     DeviceStateTransfer,
+    Inflight,
     MemoryTable,
     MemRegion,
     SingleMemRegion,
@@ -244,6 +246,32 @@ class Frontend:
         )
         assert isinstance(reply, VringState)
         return reply.num
+
+    # -- in-flight tracking (INFLIGHT_SHMFD) ----------------------------------------------
+
+    async def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, OwnedFd]:
+        """GET_INFLIGHT_FD: return the backend's region description and its fd; a checkpoint.
+
+        The caller owns the returned fd (hand it back with :meth:`set_inflight_fd`).
+        """
+        request = Inflight(0, 0, num_queues, queue_size)
+        data = self.codec.request(FrontendReq.GET_INFLIGHT_FD, request, need_reply=False)
+        await self.transport.send(data)
+        raw, got = await self.transport.receive_header()
+        try:
+            header = Header.decode(raw)
+            payload = await self.transport.receive_exactly(header.size) if header.size else b""
+            reply = self.codec.reply(header, payload, nfds=len(got))
+            if not isinstance(reply, Inflight):  # pragma: no cover - the codec checks kinds
+                raise VhostUserError(f"GET_INFLIGHT_FD answered with {reply!r}")
+        except BaseException:
+            close_all(got)
+            raise
+        return reply, got[0]
+
+    async def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:
+        """SET_INFLIGHT_FD: hand the in-flight region ``fd`` to the backend; a checkpoint."""
+        await self.request(FrontendReq.SET_INFLIGHT_FD, inflight, fds=[fd])
 
     # -- lifecycle: status, reset, crosvm's SLEEP/WAKE/SNAPSHOT/RESTORE, DEVICE_STATE --------
 

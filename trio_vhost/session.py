@@ -28,6 +28,7 @@ import trio
 
 from ._fd import OwnedFd, close_all
 from ._io.eventfd import EventFd
+from .dirty_tracking import DirtyTracking
 from .errors import (
     DeviceError,
     GuestMemoryError,
@@ -36,14 +37,18 @@ from .errors import (
     UnsupportedRequest,
     VirtqueueError,
 )
+from .inflight import InflightQueue, InflightRegion
+from .mem.dirty import DirtyLog
 from .mem.region import MemoryRegion
 from .mem.table import MAX_MEM_SLOTS, MemoryTable
 from .proto.connection import BackendProtocol, Request
-from .proto.constants import FrontendReq, VirtioFeature
+from .proto.constants import FrontendReq, ProtocolFeature, VirtioFeature, VringAddrFlag
 from .proto.messages import (
     U64,
     ConfigSpace,
     DeviceStateTransfer,
+    Inflight,
+    LogBase,
     MemRegion,
     SingleMemRegion,
     VringAddr,
@@ -120,6 +125,12 @@ class Session:
         self._nursery: trio.Nursery | None = None
         #: The last SET_DEVICE_STATE_FD transfer (CHECK_DEVICE_STATE reports on it).
         self._transfer: _Transfer | None = None
+        #: The INFLIGHT_SHMFD region (GET/SET_INFLIGHT_FD), see :mod:`trio_vhost.inflight`.
+        self.inflight: InflightRegion | None = None
+        #: Dirty-page logging (SET_LOG_BASE, SET_LOG_FD, LOG_ALL), shared with the workers.
+        self.dirty = DirtyTracking()
+        #: Fds to attach to the next own reply (set by a handler, taken by _dispatch).
+        self._reply_fds: tuple[int, ...] = ()
 
     # -- the control loop --------------------------------------------------------------
 
@@ -179,8 +190,9 @@ class Session:
             if reply is None and not self._acks(request):
                 # Without REPLY_ACK the frontend cannot be told; the spec leaves it at that.
                 return
+        fds, self._reply_fds = self._reply_fds, ()
         if reply is not None:
-            await self.transport.send(self.protocol.reply(request, reply))
+            await self.transport.send(self.protocol.reply(request, reply), fds if ok else ())
             return
         ack = self.protocol.ack(request, ok)
         if ack is not None:
@@ -197,6 +209,7 @@ class Session:
     async def _set_features(self, request: Request) -> None:
         # BackendProtocol has checked the bits against the offer and recorded them.
         self.device.ack_features(self.protocol.acked_features)
+        self.dirty.set_log_all(bool(self.protocol.acked_features & VirtioFeature.LOG_ALL))
         if not self.protocol.acked_features & VirtioFeature.PROTOCOL_FEATURES:
             # Spec, "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the ring is
             # enabled as soon as it is started.
@@ -256,6 +269,11 @@ class Session:
         self.status = 0
         self.sleeping = False
         self.protocol.acked_features = 0
+        self.dirty.set_log_all(False)
+        if self.inflight is not None:
+            # Spec: the frontend retrieves a new region after a reset.
+            self.inflight.close()
+            self.inflight = None
         self.device.reset()
 
     # -- config space ------------------------------------------------------------------
@@ -365,9 +383,29 @@ class Session:
 
     async def _set_vring_addr(self, request: Request) -> None:
         msg = request.expect(VringAddr)
+        slot = self._slot(msg.index)
+        self._reap_if_finished(slot)
+        old = slot.addr
+        if slot.worker is not None and old is not None and _same_ring(old, msg):
+            # Migration: the frontend turns used-ring logging (the LOG flag) on and off
+            # on running rings; only the flags and log_guest_addr may change.
+            slot.addr = msg
+            slot.worker.used_log_gpa = _used_log_gpa(msg)
+            return
         slot = self._stopped_slot(msg.index)
         slot.addr = msg
         self._start_pending()
+
+    async def _set_log_base(self, request: Request) -> Body:
+        """SET_LOG_BASE (LOG_SHMFD): map the dirty bitmap; the reply is u64 0."""
+        msg = request.expect(LogBase)
+        self.dirty.set_log(DirtyLog.map(request.fds[0].fd, msg.mmap_size, msg.mmap_offset))
+        LOGGER.info("dirty log set: %d bytes (LOG_ALL %s)", msg.mmap_size, self.dirty.log_all)
+        return U64(0)
+
+    async def _set_log_fd(self, request: Request) -> None:
+        """SET_LOG_FD: the eventfd signalled after a batch was logged."""
+        self.dirty.set_call(EventFd(OwnedFd(request.fds[0].detach())))
 
     async def _set_vring_base(self, request: Request) -> None:
         msg = request.expect(VringState)
@@ -425,6 +463,75 @@ class Session:
         slot.enabled = bool(msg.num)
         if slot.worker is not None:
             slot.worker.nudge()
+
+    # -- in-flight tracking (INFLIGHT_SHMFD) -------------------------------------------
+
+    async def _get_inflight_fd(self, request: Request) -> Body:
+        """GET_INFLIGHT_FD: a new zeroed region in a memfd, replied with its fd."""
+        msg = request.expect(Inflight)
+        if msg.num_queues > len(self.slots) or msg.queue_size > MAX_QUEUE_SIZE:
+            raise DeviceError(
+                f"in-flight region for {msg.num_queues} queues of {msg.queue_size}: this"
+                f" device has {len(self.slots)} queues of at most {MAX_QUEUE_SIZE}"
+            )
+        region = InflightRegion.create(msg.num_queues, msg.queue_size)
+        await self._swap_inflight(region)
+        self._reply_fds = (region.fd.fd,)
+        return Inflight(region.mmap_size, 0, msg.num_queues, msg.queue_size)
+
+    async def _set_inflight_fd(self, request: Request) -> None:
+        """SET_INFLIGHT_FD: track in the frontend's region; rings resume from it."""
+        msg = request.expect(Inflight)
+        owned = OwnedFd(request.fds[0].detach())
+        try:
+            region = InflightRegion(
+                owned, msg.mmap_size, msg.mmap_offset, msg.num_queues, msg.queue_size
+            )
+        except BaseException:
+            owned.close()
+            raise
+        await self._swap_inflight(region)
+
+    async def _swap_inflight(self, region: InflightRegion | None) -> None:
+        """Stop the running rings, replace the region, restart them (they recover from it)."""
+        await self._stop_rings(self.slots)
+        old, self.inflight = self.inflight, region
+        if old is not None:
+            old.close()
+        self._start_pending()
+
+    def _inflight_state(
+        self, slot: VringSlot, state: QueueState
+    ) -> tuple[QueueState, InflightQueue | None]:
+        """The ring's in-flight records and the state to start from after recovering them.
+
+        With records from an earlier run the ring resumes at ``used.idx`` plus the chains
+        still in flight (the worker resubmits those first), whatever SET_VRING_BASE said.
+        """
+        region = self.inflight
+        if region is None or not self.protocol.acked_protocol_features & (
+            ProtocolFeature.INFLIGHT_SHMFD
+        ):
+            return state, None
+        tracker = region.queue(slot.index)
+        if tracker is None:
+            return state, None
+        try:
+            heads = tracker.recover(state.next_used, slot.num)
+        except DeviceError as exc:
+            raise VirtqueueError(f"vring {slot.index}: {exc}") from exc
+        if heads is None:
+            return state, tracker
+        next_avail = (state.next_used + len(heads)) & 0xFFFF
+        if next_avail != state.next_avail or len(heads):
+            LOGGER.info(
+                "vring %d: %d chains in flight, resuming at avail=%d (base was %d)",
+                slot.index,
+                len(heads),
+                next_avail,
+                state.next_avail,
+            )
+        return state.with_indices(next_avail, state.next_used), tracker
 
     # -- seed extensions ---------------------------------------------------------------
 
@@ -685,13 +792,16 @@ class Session:
             LOGGER.debug("vring %d started before it was fully configured", slot.index)
             return
         try:
-            queue = SplitQueue(self.memory, self._queue_state(slot))
+            state, inflight = self._inflight_state(slot, self._queue_state(slot))
+            queue = SplitQueue(self.memory, state)
         except (VirtqueueError, GuestMemoryError) as exc:
             LOGGER.error("vring %d cannot start: %s", slot.index, exc)
             slot.broken = True
             slot.signal_error()
             return
-        handle = RingWorkerHandle()
+        handle = RingWorkerHandle(inflight=inflight)
+        handle.dirty = self.dirty
+        handle.used_log_gpa = _used_log_gpa(slot.addr)
         slot.worker = handle
         LOGGER.info(
             "vring %d started at avail=%d used=%d", slot.index, queue.next_avail, queue.next_used
@@ -787,8 +897,26 @@ class Session:
             slot.close_fds()
         if self.backend_channel is not None:
             self.backend_channel.close()
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+        self.dirty.close()
         self.memory.close()
         self.memory = MemoryTable.empty()
+
+
+def _same_ring(old: VringAddr, new: VringAddr) -> bool:
+    """Whether ``new`` places the ring where ``old`` does (flags and log address aside)."""
+    return (old.desc_user_addr, old.avail_user_addr, old.used_user_addr) == (
+        new.desc_user_addr,
+        new.avail_user_addr,
+        new.used_user_addr,
+    )
+
+
+def _used_log_gpa(addr: VringAddr) -> int | None:
+    """The address used-ring writes are logged at: log_guest_addr with the LOG flag."""
+    return addr.log_guest_addr if addr.flags & VringAddrFlag.LOG else None
 
 
 async def _run_worker(
@@ -848,6 +976,13 @@ def _failure_reply(request: Request) -> Body | None:
         return U64(_NOFD | _TRANSFER_FAILED)
     if code is FrontendReq.CHECK_DEVICE_STATE:
         return U64(_TRANSFER_FAILED)
+    if code is FrontendReq.SET_LOG_BASE:
+        # Its reply is owed with or without REPLY_ACK (QEMU waits for it); non-zero: failed.
+        return U64(1)
+    if code is FrontendReq.GET_INFLIGHT_FD:
+        # mmap_size 0 and no fd: QEMU then goes on without in-flight tracking.
+        wanted = request.expect(Inflight)
+        return Inflight(0, 0, wanted.num_queues, wanted.queue_size)
     return None
 
 
@@ -860,6 +995,8 @@ _HANDLERS: Final[dict[FrontendReq, _Handler]] = {
     FrontendReq.SET_MEM_TABLE: Session._set_mem_table,
     FrontendReq.SET_VRING_NUM: Session._set_vring_num,
     FrontendReq.SET_VRING_ADDR: Session._set_vring_addr,
+    FrontendReq.SET_LOG_BASE: Session._set_log_base,
+    FrontendReq.SET_LOG_FD: Session._set_log_fd,
     FrontendReq.SET_VRING_BASE: Session._set_vring_base,
     FrontendReq.GET_VRING_BASE: Session._get_vring_base,
     FrontendReq.SET_VRING_KICK: Session._set_vring_kick,
@@ -875,6 +1012,8 @@ _HANDLERS: Final[dict[FrontendReq, _Handler]] = {
     FrontendReq.GET_MAX_MEM_SLOTS: Session._get_max_mem_slots,
     FrontendReq.ADD_MEM_REG: Session._add_mem_reg,
     FrontendReq.REM_MEM_REG: Session._rem_mem_reg,
+    FrontendReq.GET_INFLIGHT_FD: Session._get_inflight_fd,
+    FrontendReq.SET_INFLIGHT_FD: Session._set_inflight_fd,
     FrontendReq.SET_STATUS: Session._set_status,
     FrontendReq.GET_STATUS: Session._get_status,
     FrontendReq.SET_DEVICE_STATE_FD: Session._set_device_state_fd,

@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .dirty_tracking import NO_TRACKING, DirtyTracking
+
 if TYPE_CHECKING:
     from ._io.eventfd import EventFd
+    from .inflight import InflightQueue
     from .proto.messages import VringAddr
     from .vring.state import QueueState
 
@@ -42,6 +45,13 @@ class RingWorkerHandle:
     final_state: QueueState | None = None
     broken: bool = False
     in_flight: int = 0
+    #: The ring's records in the INFLIGHT_SHMFD region, when the frontend set one.
+    inflight: InflightQueue | None = None
+    #: The session's dirty-page logging state (mem/dirty.py); checked once per batch.
+    dirty: DirtyTracking = NO_TRACKING
+    #: Where writes to the used ring are logged: ``log_guest_addr`` when the ring's
+    #: VringAddr has the LOG flag, None for the used ring's own guest address.
+    used_log_gpa: int | None = None
 
     def nudge(self) -> None:
         """Wake the worker if it is idle, so it looks at the ring again."""

@@ -34,12 +34,17 @@ import trio
 
 from .device import QueueContext
 from .errors import DeviceError, GuestMemoryError, VirtqueueError
+from .vring.layout import used_ring_size
 
 if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
     from ._io.eventfd import EventFd
     from .device import Completion, Device
+    from .inflight import InflightQueue
     from .mem.table import MemoryTable
     from .slot import RingWorkerHandle, VringSlot
+    from .vring.batch import ChainBatch
     from .vring.chain import DescriptorChain
     from .vring.split import SplitQueue
     from .vring.state import QueueState
@@ -96,6 +101,8 @@ async def run_vring(
             # the control task would wait for it forever (in a shielded scope at teardown).
             device.queue_started(slot.index, handle.nudge)
             limit = batch_limit(queue.size) if max_batch is None else max_batch
+            if handle.inflight is not None:
+                await _resubmit(slot, queue, device, handle, context, limit)
             await _drain(slot, queue, device, handle, context, limit)
         except (VirtqueueError, GuestMemoryError, DeviceError) as exc:
             _break(slot, handle)
@@ -202,10 +209,15 @@ async def _drain(
             continue
         # The ring looks empty: ask for kicks again, then look once more, because the
         # driver may have added buffers after our read but before it saw the request.
-        if queue.enable_notifications():
+        again = queue.enable_notifications()
+        if handle.dirty.active:  # it wrote the used ring's flags or avail_event
+            handle.dirty.log_used(*_used_log_range(queue, handle))
+        if again:
             continue
         await _wait_for_kick(kick, handle)
         queue.disable_notifications()
+        if handle.dirty.active:
+            handle.dirty.log_used(*_used_log_range(queue, handle))
 
 
 async def _process_chains(
@@ -220,13 +232,23 @@ async def _process_chains(
     if chains:
         # Until the batch is published, a stop hands its chains back (_resume_state).
         handle.in_flight = len(chains)
+        if handle.inflight is not None:
+            handle.inflight.popped([chain.head for chain in chains])
         if device.is_async:
             completions = await device.process_batch_async(context, chains)
         else:
             completions = device.process_batch(context, chains)
-        _complete(queue, chains, completions)
+        _complete(queue, chains, completions, handle.inflight)
         handle.in_flight = 0
+        if handle.dirty.active:  # LOG_ALL: mark what the batch wrote (mem/dirty.py)
+            handle.dirty.log_chains(chains, completions, *_used_log_range(queue, handle))
     return len(chains)
+
+
+def _used_log_range(queue: SplitQueue, handle: RingWorkerHandle) -> tuple[int, int]:
+    """Where the used ring's writes are logged: (address, the whole used ring's size)."""
+    gpa = handle.used_log_gpa
+    return (queue.state().used_gpa if gpa is None else gpa), used_ring_size(queue.size)
 
 
 def _process_arrays(
@@ -245,22 +267,90 @@ def _process_arrays(
     if not batch:
         return 0
     handle.in_flight = batch.count
+    if handle.inflight is not None:
+        handle.inflight.popped(batch.heads)
     written = device.process_arrays(context, batch)
+    _complete_arrays(queue, batch, written, handle.inflight)
+    handle.in_flight = 0
+    if handle.dirty.active:  # LOG_ALL: mark what the batch wrote (mem/dirty.py)
+        handle.dirty.log_arrays(batch, written, *_used_log_range(queue, handle))
+    return batch.count
+
+
+def _complete_arrays(
+    queue: SplitQueue,
+    batch: ChainBatch,
+    written: int | NDArray[np.uint32],
+    inflight: InflightQueue | None,
+) -> None:
+    """Publish a whole array batch with the lengths the device returned."""
     lengths = (
         np.full(batch.count, written, dtype=np.uint32) if isinstance(written, int) else written
     )
+    if inflight is not None:
+        inflight.publishing(batch.heads)
     try:
         queue.add_used_arrays(batch.heads, lengths)
     except ValueError as exc:  # lengths the ring cannot take: a device bug
         raise DeviceError(f"device returned invalid used lengths: {exc}") from exc
-    handle.in_flight = 0
-    return batch.count
+    if inflight is not None:
+        inflight.published(batch.heads, queue.next_used)
+
+
+async def _resubmit(
+    slot: VringSlot,
+    queue: SplitQueue,
+    device: Device,
+    handle: RingWorkerHandle,
+    context: QueueContext,
+    limit: int,
+) -> None:
+    """Complete the chains a previous backend left in flight (INFLIGHT_SHMFD), first.
+
+    They are no longer in the available ring's window: their chains are built from the
+    descriptor table, in the order they were popped. A stop before all are done leaves the
+    rest marked in the region, to be resubmitted at the next start.
+    """
+    inflight = handle.inflight
+    assert inflight is not None
+    heads = inflight.take_resubmit()
+    if not len(heads):
+        return
+    LOGGER.info("vring %d: resubmitting %d in-flight chains", slot.index, len(heads))
+    arrays = device.uses_arrays and not device.is_async
+    for start in range(0, len(heads), limit):
+        while not slot.enabled and not device.drains_when_disabled(slot.index):
+            if handle.stop_requested.is_set():
+                return
+            await _wait_for_kick(slot.kick, handle)
+        if handle.stop_requested.is_set():
+            return
+        context.enabled = slot.enabled
+        batch = queue.batch_of(heads[start : start + limit])
+        if arrays:
+            written = device.process_arrays(context, batch)
+            _complete_arrays(queue, batch, written, inflight)
+            if handle.dirty.active:
+                handle.dirty.log_arrays(batch, written, *_used_log_range(queue, handle))
+        else:
+            chains = batch.chains
+            if device.is_async:
+                completions = await device.process_batch_async(context, chains)
+            else:
+                completions = device.process_batch(context, chains)
+            _complete(queue, chains, completions, inflight)
+            if handle.dirty.active:
+                handle.dirty.log_chains(chains, completions, *_used_log_range(queue, handle))
+        if slot.call is not None and queue.needs_notification():
+            slot.call.write(1)
+        await trio.lowlevel.checkpoint()
 
 
 def _complete(
     queue: SplitQueue,
     chains: Sequence[DescriptorChain],
     completions: Sequence[Completion],
+    inflight: InflightQueue | None = None,
 ) -> None:
     """Publish a whole batch's used entries, or raise DeviceError having published none."""
     # A completion for a chain the device was not given would hand the guest a
@@ -270,10 +360,15 @@ def _complete(
             f"device completed {len(completions)} of {len(chains)} chains, or other heads; "
             "every chain of a batch must be completed exactly once"
         )
+    heads = [head for head, _ in completions] if inflight is not None else []
+    if inflight is not None:
+        inflight.publishing(heads)
     try:
         queue.add_used_batch(completions)
     except ValueError as exc:  # a head or length the ring cannot take: a device bug
         raise DeviceError(f"device returned an invalid completion: {exc}") from exc
+    if inflight is not None:
+        inflight.published(heads, queue.next_used)
 
 
 async def _wait_for_kick(kick: EventFd | None, handle: RingWorkerHandle) -> None:

@@ -98,13 +98,21 @@ CASES: dict[str, Case] = {
     "set_vring_num_at_device_max_ok": Case(F.SET_VRING_NUM, lambda e: VringState(1, 256), ok=True),
     "set_vring_num_while_running": Case(F.SET_VRING_NUM, lambda e: VringState(0, 64)),
     "set_vring_base_while_running": Case(F.SET_VRING_BASE, lambda e: VringState(0, 5)),
+    # Moving a running ring is refused; only its LOG flag and log address may change.
     "set_vring_addr_while_running": Case(
         F.SET_VRING_ADDR,
         lambda e: VringAddr(
-            0, 0, e.ring.queue.desc_uva, e.ring.queue.used_uva, e.ring.queue.avail_uva, 0
+            0, 0, e.ring.queue.desc_uva + 4096, e.ring.queue.used_uva, e.ring.queue.avail_uva, 0
         ),
     ),
-    "set_log_fd_unsupported": Case(F.SET_LOG_FD, lambda e: None, lambda e: [e.eventfd()]),
+    "set_vring_addr_log_flag_while_running_ok": Case(
+        F.SET_VRING_ADDR,
+        lambda e: VringAddr(
+            0, 1, e.ring.queue.desc_uva, e.ring.queue.used_uva, e.ring.queue.avail_uva, 0x1000
+        ),
+        ok=True,
+    ),
+    "set_log_fd": Case(F.SET_LOG_FD, lambda e: None, lambda e: [e.eventfd()], ok=True),
     "gpu_set_socket_unsupported": Case(F.GPU_SET_SOCKET, lambda e: None, lambda e: [e.eventfd()]),
     "rem_mem_reg_unknown": Case(
         F.REM_MEM_REG, lambda e: SingleMemRegion(MemRegion(0x4000_0000, 4096, 0x4000_0000, 0))

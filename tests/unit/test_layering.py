@@ -24,6 +24,8 @@ RANKS = {
     "_io": 3,
     "device": 4,
     "snapshot": 4,
+    "inflight": 4,
+    "dirty_tracking": 4,
     "slot": 5,
     "worker": 6,
     "devices": 6,

@@ -93,6 +93,7 @@ class BlkDevice(Device):
     #: write-cache mode (QEMU sends it for a VM pause too, and does not send the mode
     #: again on resume); nothing here waits for DRIVER_OK.
     offers_status: ClassVar[bool] = True
+    offers_inflight: ClassVar[bool] = True
 
     def __init__(
         self, image_fd: int, *, read_only: bool = False, num_queues: int = 1, serial: str = ""
@@ -103,6 +104,7 @@ class BlkDevice(Device):
         if len(encoded) > ID_BYTES:
             raise ValueError(f"serial longer than {ID_BYTES} bytes")
         self.fd = image_fd
+        self._capacity: int | None = None
         self.read_only = read_only
         self.num_queues = num_queues
         self.serial = encoded.ljust(ID_BYTES, b"\0")
@@ -111,8 +113,15 @@ class BlkDevice(Device):
 
     @property
     def capacity(self) -> int:
-        """Image size in 512-byte sectors (a partial last sector is not exposed)."""
-        return os.fstat(self.fd).st_size // SECTOR_SIZE
+        """Image size in 512-byte sectors (a partial last sector is not exposed).
+
+        Read once: the guest is told the size at start-up and has no way to learn of a
+        change (no CONFIG_CHANGE_MSG is sent), and an fstat per request costs more than
+        the bounds check it feeds.
+        """
+        if self._capacity is None:
+            self._capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
+        return self._capacity
 
     # -- negotiation and config ----------------------------------------------------------
 

@@ -248,7 +248,25 @@ class SplitQueue:
         n = min(self._pending(), max_chains) if max_chains > 0 else 0
         if n <= 0:
             return self._empty
-        heads = self._read_heads(n)
+        batch = self._batch_of(self._read_heads(n))
+        self._next_avail = (self._next_avail + n) & _U16
+        return batch
+
+    def batch_of(self, heads: NDArray[np.uint16]) -> ChainBatch:
+        """Build the chains of ``heads`` from the descriptor table; :attr:`next_avail` stays.
+
+        For chains popped before (in-flight chains to resubmit after a reconnect): they are
+        no longer in the available ring's window. ``heads`` is copied.
+
+        Raises:
+            VirtqueueError: a head is out of range or a chain is broken.
+        """
+        if not len(heads):
+            return self._empty
+        return self._batch_of(np.array(heads, dtype=np.uint16))
+
+    def _batch_of(self, heads: NDArray[np.uint16]) -> ChainBatch:
+        n = len(heads)
         try:
             rows = self._desc_rows.take(heads)  # the copy that is checked and used
         except IndexError:
@@ -265,7 +283,6 @@ class SplitQueue:
         else:
             simple = ok & (slow == 0)
             batch = self._slow_batch(heads, addr, length, flags, offset, region, simple)
-        self._next_avail = (self._next_avail + n) & _U16
         return batch
 
     def _slow_batch(
