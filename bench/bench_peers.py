@@ -956,6 +956,8 @@ async def blk_backends(
     pin = ["taskset", "-c", str(cpus[0])]
     ours_argv: list[str | Path] = [*pin, sys.executable, "-m", "trio_vhost.cli", "-q", "blk"]
     ours_argv += ["--socket", ours_sock, "--image", image, "--queues", "2"]
+    # inline (default) or thread: where trio-vhost blk does its disk I/O (trio-vhost blk --io)
+    ours_argv += ["--io", os.environ.get("TRIO_VHOST_BENCH_BLK_IO", "inline")]
     peer_argv: list[str | Path] = [
         *pin, qsd,
         "--blockdev", f"driver=file,node-name=disk0,filename={image},cache.direct=off",
