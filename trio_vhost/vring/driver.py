@@ -389,29 +389,18 @@ class DriverQueue:
         Raises:
             VirtqueueError: the device returned an unknown head or a runaway used index.
         """
-        used_idx = int(self._used_hdr[1])
-        n = (used_idx - self._last_used) & _U16
-        if n > self.size:
-            raise VirtqueueError(f"used.idx ran {n} entries ahead on a ring of {self.size}")
-        if n == 0:
+        taken = self._take_used()
+        if taken is None:
             return []
-        start = self._last_used & self._mask
-        end = start + n
-        if end <= self.size:
-            elems = self._used_ring[start:end].copy()
-        else:
-            elems = np.concatenate((self._used_ring[start:], self._used_ring[: end - self.size]))
+        elems, used_idx = taken
         heads = elems[:, 0]
-        if int(heads.max()) >= self.size:
-            raise VirtqueueError("device returned a head outside the ring")
         head_list = heads.tolist()
-        if (self._kind[heads] == _BATCH).all() and len(set(head_list)) == n:
+        if (self._kind[heads] == _BATCH).all() and len(set(head_list)) == len(head_list):
             self._kind[heads] = _FREE
             self._batch_written[heads] = elems[:, 1]
             self._free.extend(head_list)
         else:
-            for head, written in elems.tolist():
-                self._complete(head, written)
+            self._complete_each(elems)
         self._last_used = used_idx
         return [(h, w) for h, w in elems.tolist()]
 
@@ -424,29 +413,44 @@ class DriverQueue:
         Raises:
             VirtqueueError: the device returned an unknown head or a runaway used index.
         """
-        used_idx = int(self._used_hdr[1])
-        n = (used_idx - self._last_used) & _U16
-        if n > self.size:
-            raise VirtqueueError(f"used.idx ran {n} entries ahead on a ring of {self.size}")
-        if n == 0:
+        taken = self._take_used()
+        if taken is None:
             return 0
-        start = self._last_used & self._mask
-        end = start + n
-        if end <= self.size:
-            elems = self._used_ring[start:end].copy()
-        else:
-            elems = np.concatenate((self._used_ring[start:], self._used_ring[: end - self.size]))
+        elems, used_idx = taken
         heads = elems[:, 0]
-        if int(heads.max()) >= self.size:
-            raise VirtqueueError("device returned a head outside the ring")
-        if not (self._kind[heads] == _BATCH).all() or np.unique(heads).size != n:
+        if not (self._kind[heads] == _BATCH).all() or np.unique(heads).size != len(heads):
             self._complete_each(elems)
         else:
             self._kind[heads] = _FREE
             self._batch_written[heads] = elems[:, 1]
             self._free.extend(heads.tolist())
         self._last_used = used_idx
-        return n
+        return len(heads)
+
+    def _take_used(self) -> tuple[NDArray[np.uint32], int] | None:
+        """Copy the used entries added since the last consumption, with the new used index.
+
+        Returns None when there are none. The caller moves ``_last_used`` once the
+        entries are accounted for.
+
+        Raises:
+            VirtqueueError: a runaway used index, or a head outside the ring.
+        """
+        used_idx = int(self._used_hdr[1])
+        n = (used_idx - self._last_used) & _U16
+        if n > self.size:
+            raise VirtqueueError(f"used.idx ran {n} entries ahead on a ring of {self.size}")
+        if n == 0:
+            return None
+        start = self._last_used & self._mask
+        end = start + n
+        if end <= self.size:
+            elems = self._used_ring[start:end].copy()
+        else:
+            elems = np.concatenate((self._used_ring[start:], self._used_ring[: end - self.size]))
+        if int(elems[:, 0].max()) >= self.size:
+            raise VirtqueueError("device returned a head outside the ring")
+        return elems, used_idx
 
     def _complete_each(self, elems: NDArray[np.uint32]) -> None:
         """Complete used entries one by one (mixed or suspicious batches)."""
