@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "trio_vhost"
 
 #: top-level module or subpackage of trio_vhost -> rank (higher may import lower)
-RANKS = {
+RANKS: dict[str, float] = {
     "errors": 0,
     "_fd": 0,
     "proto": 1,
@@ -31,6 +31,7 @@ RANKS = {
     "devices": 6,
     # the guest side of a device sits on the Python frontend
     "devices.blk_driver": 8,
+    "session_state": 6.5,
     "session": 7,
     "frontend": 7,
     "server": 8,
