@@ -343,19 +343,36 @@ class Frontend:
         """CHECK_DEVICE_STATE: 0 if the last transfer succeeded; a checkpoint."""
         return await self._u64(FrontendReq.CHECK_DEVICE_STATE)
 
+    async def _open_transfer(self, direction: int) -> int:
+        """Send the backend its end of a new pipe for ``direction``; return ours.
+
+        SAVE hands the backend the write end, LOAD the read end; the end we keep is
+        closed again if the request fails.
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        theirs, ours = (
+            (write_end, read_end)
+            if direction == DeviceStateTransfer.SAVE
+            else (
+                read_end,
+                write_end,
+            )
+        )
+        try:
+            await self.set_device_state_fd(direction, theirs)
+        except BaseException:
+            os.close(ours)
+            raise
+        finally:
+            os.close(theirs)
+        return ours
+
     async def save_device_state(self) -> bytes:
         """Read the backend's state through a pipe (save), then check it; a checkpoint.
 
         Raises :class:`RequestNacked` if the backend refuses or reports a failed transfer.
         """
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            await self.set_device_state_fd(DeviceStateTransfer.SAVE, write_end)
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
+        read_end = await self._open_transfer(DeviceStateTransfer.SAVE)
         chunks = []
         async with trio.lowlevel.FdStream(read_end) as stream:
             while chunk := await stream.receive_some(65536):
@@ -369,14 +386,7 @@ class Frontend:
 
         Raises :class:`RequestNacked` if the backend refuses or reports a failed load.
         """
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            await self.set_device_state_fd(DeviceStateTransfer.LOAD, read_end)
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
+        write_end = await self._open_transfer(DeviceStateTransfer.LOAD)
         async with trio.lowlevel.FdStream(write_end) as stream:
             try:
                 await stream.send_all(data)
