@@ -34,6 +34,7 @@ from .proto.constants import FrontendReq as FrontendReq
 from .proto.constants import ProtocolFeature as ProtocolFeature
 from .proto.constants import VirtioFeature as VirtioFeature
 from .server import serve as serve
+from .server import serve_client as serve_client
 from .server import serve_connection as serve_connection
 from .server import serve_socket as serve_socket
 from .vring.chain import DescriptorChain as DescriptorChain
@@ -66,6 +67,7 @@ __all__ = [
     "VirtqueueError",
     "VringFailed",
     "serve",
+    "serve_client",
     "serve_connection",
     "serve_socket",
 ]

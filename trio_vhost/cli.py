@@ -20,7 +20,7 @@ from .devices.net import NetPort
 from .devices.net_spec import parse_mac
 from .devices.net_switch import Switch
 from .devices.tap import TapDevice, open_tap
-from .server import serve
+from .server import serve, serve_client
 
 __all__ = ["main"]
 
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     blk = commands.add_parser("blk", help="serve a virtio-blk device backed by a raw image")
     blk.add_argument("--socket", required=True, help="unix socket path to listen on")
+    _add_client_flag(blk)
     blk.add_argument("--image", required=True, help="raw image file")
     blk.add_argument("--read-only", action="store_true", help="refuse guest writes")
     blk.add_argument(
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="sockets",
         help="unix socket path of one port (repeat for more ports)",
     )
+    _add_client_flag(net)
     net.add_argument("--tap", metavar="IFNAME", help="also switch to this TAP interface")
     net.add_argument("--queues", type=int, default=1, help="queue pairs per port (MQ)")
     net.add_argument(
@@ -100,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
         "selfcheck", help="serve the example devices and drive them with the built-in frontend"
     )
     return parser
+
+
+def _add_client_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to the socket instead of listening on it (the frontend listens: QEMU "
+        "server=on, DPDK virtio_user server=1); connect again after every disconnect",
+    )
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -127,11 +138,16 @@ def _open_image(path: str, *, read_only: bool, create: str | None) -> int:
     return fd
 
 
-async def _serve_until_signal(device: BlkDevice, path: str) -> None:
+async def _serve_until_signal(device: BlkDevice, path: str, client: bool) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, device, path)
-            LOGGER.info("serving virtio-blk on %s", path)
+            if client:
+                # Connecting may wait for the frontend: do not hold up the signal handling.
+                nursery.start_soon(serve_client, device, path)
+                LOGGER.info("serving virtio-blk to the frontend listening on %s", path)
+            else:
+                await nursery.start(serve, device, path)
+                LOGGER.info("serving virtio-blk on %s", path)
             async for signum in signals:
                 LOGGER.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -166,7 +182,7 @@ def _run_blk(args: argparse.Namespace) -> int:
         os.close(fd)
         raise CliError(str(exc)) from exc
     try:
-        _run_reporting_os_errors(_serve_until_signal, device, args.socket)
+        _run_reporting_os_errors(_serve_until_signal, device, args.socket, args.client)
     finally:
         if not args.read_only:
             os.fdatasync(fd)
@@ -198,7 +214,7 @@ def _run_net(args: argparse.Namespace) -> int:
             raise CliError(f"cannot open tap {args.tap}: {exc}") from exc
         switch.add_port(tap)
     try:
-        _run_reporting_os_errors(_serve_ports_until_signal, ports, args.sockets, tap)
+        _run_reporting_os_errors(_serve_ports_until_signal, ports, args.sockets, tap, args.client)
     finally:
         if tap is not None:
             tap.close()
@@ -206,13 +222,17 @@ def _run_net(args: argparse.Namespace) -> int:
 
 
 async def _serve_ports_until_signal(
-    ports: list[NetPort], paths: list[str], tap: TapDevice | None
+    ports: list[NetPort], paths: list[str], tap: TapDevice | None, client: bool
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             for port, path in zip(ports, paths, strict=True):
-                await nursery.start(serve, port, path)
-                LOGGER.info("serving virtio-net port %s on %s", port.port.name, path)
+                if client:
+                    nursery.start_soon(serve_client, port, path)
+                    LOGGER.info("serving virtio-net port %s to %s", port.port.name, path)
+                else:
+                    await nursery.start(serve, port, path)
+                    LOGGER.info("serving virtio-net port %s on %s", port.port.name, path)
             if tap is not None:
                 nursery.start_soon(tap.run, ports[0].switch)
                 LOGGER.info("switching to tap %s", tap.ifname)

@@ -1015,10 +1015,12 @@ async def virtio_user_frontend(
     peer_mac: str,
     burst: int = 32,
     pktlen: int = 64,
+    server: bool = False,
 ) -> AsyncIterator[Testpmd]:
     """testpmd as a virtio_user frontend in rxonly mode, already forwarding (counting what
     it receives); ``send_bursts(n)`` transmits n * ``burst`` frames from ``mac`` to
-    ``peer_mac``."""
+    ``peer_mac``. With ``server`` the frontend listens on ``socket`` (``server=1``) and the
+    backend must connect to it: testpmd's start-up waits for that connection."""
     extra = [
         "--port-topology=loop", f"--eth-peer=0,{peer_mac}", f"--burst={burst}",
         f"--txpkts={pktlen}", "--rxd=256", "--txd=256",
@@ -1027,7 +1029,7 @@ async def virtio_user_frontend(
         tools,
         workdir,
         name=name,
-        vdevs=[virtio_user_vdev(socket, mac=mac)],
+        vdevs=[virtio_user_vdev(socket, mac=mac, extra=",server=1" if server else "")],
         forward_mode="rxonly",
         cpu=frontend_cpu(),
         extra=extra,
