@@ -20,6 +20,7 @@ from ._fd import OwnedFd, close_all
 from ._io.eventfd import EventFd
 from ._io.transport import UnixTransport, open_unix_connection
 from .errors import VhostUserError
+from .frontend_channel import FrontendChannelEnd
 from .mem.guest import GuestRam
 from .proto.constants import FrontendReq, ProtocolFeature, VirtioFeature
 from .proto.frontend_codec import FrontendCodec
@@ -246,6 +247,23 @@ class Frontend:
         )
         assert isinstance(reply, VringState)
         return reply.num
+
+    # -- the back-end channel (BACKEND_REQ) -------------------------------------------------
+
+    async def open_backend_channel(self) -> FrontendChannelEnd:
+        """SET_BACKEND_REQ_FD: give the backend a channel for its own requests; a checkpoint.
+
+        Returns the frontend's end: run its ``serve(handler)`` in a task to answer them.
+        """
+        ours, theirs = UnixTransport.socketpair()
+        try:
+            await self.request(FrontendReq.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return FrontendChannelEnd(ours, self.codec)
 
     # -- in-flight tracking (INFLIGHT_SHMFD) ----------------------------------------------
 

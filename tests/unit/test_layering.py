@@ -26,6 +26,8 @@ RANKS: dict[str, float] = {
     "snapshot": 4,
     "inflight": 4,
     "dirty_tracking": 4,
+    "backend_channel": 4,
+    "frontend_channel": 4,
     "slot": 5,
     "worker": 6,
     "devices": 6,
