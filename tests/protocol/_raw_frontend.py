@@ -33,8 +33,10 @@ import trio.testing
 from trio_vhost._io.eventfd import EventFd
 from trio_vhost.device import Completion, Device, QueueContext
 from trio_vhost.devices.blk import BlkDevice
+from trio_vhost.devices.blk_driver import BlkDriver
+from trio_vhost.frontend import Frontend
 from trio_vhost.mem.guest import GuestRam
-from trio_vhost.proto.constants import FrontendReq
+from trio_vhost.proto.constants import FrontendReq, VirtioFeature
 from trio_vhost.proto.frontend_codec import encode_request
 from trio_vhost.proto.messages import (
     U64,
@@ -471,3 +473,30 @@ class GatedBlk(BlkDevice):
 
 def sector_data(sector: int) -> bytes:
     return bytes([sector & 0xFF]) * 512
+
+
+# -- a frontend doing blk I/O ----------------------------------------------------------------
+
+PATTERN: Final = bytes(range(256)) * 16  # 4 KiB
+
+
+async def exercise_blk(frontend: Frontend, ram: GuestRam, image_fd: int, sector: int) -> None:
+    """Negotiate, share memory, start ring 0 and do every kind of blk request; the image
+    and the ring index are checked along the way (serial "protocol-test" expected)."""
+    acked = await frontend.negotiate()
+    await frontend.set_mem_table([ram])
+    event_idx = bool(acked & VirtioFeature.RING_EVENT_IDX)
+    queue = DriverQueue.create(ram, 64, event_idx=event_idx, indirect=True, pool_size=1 << 18)
+    vring = await frontend.start_vring(0, queue)
+    try:
+        blk = BlkDriver(vring)
+        await blk.write(sector, PATTERN)
+        assert os.pread(image_fd, len(PATTERN), sector * 512) == PATTERN
+        assert await blk.read(sector, len(PATTERN)) == PATTERN
+        await blk.flush()
+        assert await blk.get_id() == b"protocol-test"
+        await blk.write_zeroes(sector, 1)
+        assert await blk.read(sector, 512) == bytes(512)
+        assert await frontend.get_vring_base(0) == queue.avail_idx
+    finally:
+        vring.close()

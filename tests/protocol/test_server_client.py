@@ -13,37 +13,13 @@ import socket
 import pytest
 import trio
 import trio.testing
-from _raw_frontend import Resources, fail_after, settle
+from _raw_frontend import Resources, exercise_blk, fail_after, settle
 
 from trio_vhost._io.transport import open_unix_listener
 from trio_vhost.devices.blk import BlkDevice
-from trio_vhost.devices.blk_driver import BlkDriver
 from trio_vhost.frontend import Frontend
 from trio_vhost.mem.guest import GuestRam
-from trio_vhost.proto.constants import VirtioFeature
 from trio_vhost.server import CLIENT_RETRY_MAX, CLIENT_RETRY_MIN, serve_client
-from trio_vhost.vring.driver import DriverQueue
-
-PATTERN = bytes(range(256)) * 2  # one sector
-
-
-async def write_and_read_back(
-    frontend: Frontend, ram: GuestRam, image_fd: int, sector: int
-) -> None:
-    """Negotiate over an accepted connection, start ring 0, write a sector, read it back."""
-    acked = await frontend.negotiate()
-    await frontend.set_mem_table([ram])
-    event_idx = bool(acked & VirtioFeature.RING_EVENT_IDX)
-    queue = DriverQueue.create(ram, 64, event_idx=event_idx, pool_size=1 << 16)
-    vring = await frontend.start_vring(0, queue)
-    try:
-        blk = BlkDriver(vring)
-        await blk.write(sector, PATTERN)
-        assert os.pread(image_fd, len(PATTERN), sector * 512) == PATTERN
-        assert await blk.read(sector, len(PATTERN)) == PATTERN
-        assert await frontend.get_vring_base(0) == queue.avail_idx
-    finally:
-        vring.close()
 
 
 @fail_after()
@@ -59,7 +35,7 @@ async def test_backend_connects_serves_and_connects_again(
                 assert await nursery.start(serve_client, blk, sock_path) == sock_path
                 for sector in (8, 16, 24):  # each frontend hangs up; the backend comes back
                     async with Frontend(await listener.accept()) as frontend:
-                        await write_and_read_back(frontend, ram, image_fd, sector)
+                        await exercise_blk(frontend, ram, image_fd, sector)
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
@@ -84,7 +60,7 @@ async def test_backend_waits_for_the_frontend_to_listen(
                     # It connected within one capped back-off of the socket appearing.
                     waited = trio.current_time() - listening
                     assert waited <= CLIENT_RETRY_MAX + CLIENT_RETRY_MIN
-                    await write_and_read_back(frontend, ram, image_fd, 8)
+                    await exercise_blk(frontend, ram, image_fd, 8)
             finally:
                 listener.close()
             nursery.cancel_scope.cancel()
@@ -107,7 +83,7 @@ async def test_a_refusing_socket_file_is_waited_on(
             listener = await open_unix_listener(sock_path)
             try:
                 async with Frontend(await listener.accept()) as frontend:
-                    await write_and_read_back(frontend, ram, image_fd, 16)
+                    await exercise_blk(frontend, ram, image_fd, 16)
             finally:
                 listener.close()
             nursery.cancel_scope.cancel()

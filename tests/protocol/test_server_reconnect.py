@@ -13,40 +13,21 @@ import socket
 
 import pytest
 import trio
-from _raw_frontend import Resources, fail_after, maps_of, settle
+from _raw_frontend import PATTERN, Resources, exercise_blk, fail_after, maps_of, settle
 
 from trio_vhost.devices.blk import BlkDevice
 from trio_vhost.devices.blk_driver import BlkDriver
 from trio_vhost.devices.blk_spec import RequestType
 from trio_vhost.frontend import Frontend
 from trio_vhost.mem.guest import GuestRam
-from trio_vhost.proto.constants import VirtioFeature
 from trio_vhost.server import serve
 from trio_vhost.vring.driver import DriverQueue
 
-PATTERN = bytes(range(256)) * 16  # 4 KiB
-
 
 async def full_blk_io(path: str, ram: GuestRam, image_fd: int, sector: int) -> None:
-    """Negotiate, share memory, start ring 0 and do every kind of blk request."""
+    """Connect, then every kind of blk request (see ``exercise_blk``)."""
     async with await Frontend.connect(path) as frontend:
-        acked = await frontend.negotiate()
-        await frontend.set_mem_table([ram])
-        event_idx = bool(acked & VirtioFeature.RING_EVENT_IDX)
-        queue = DriverQueue.create(ram, 64, event_idx=event_idx, indirect=True, pool_size=1 << 18)
-        vring = await frontend.start_vring(0, queue)
-        try:
-            blk = BlkDriver(vring)
-            await blk.write(sector, PATTERN)
-            assert os.pread(image_fd, len(PATTERN), sector * 512) == PATTERN
-            assert await blk.read(sector, len(PATTERN)) == PATTERN
-            await blk.flush()
-            assert await blk.get_id() == b"protocol-test"
-            await blk.write_zeroes(sector, 1)
-            assert await blk.read(sector, 512) == bytes(512)
-            assert await frontend.get_vring_base(0) == queue.avail_idx
-        finally:
-            vring.close()
+        await exercise_blk(frontend, ram, image_fd, sector)
 
 
 @fail_after()
