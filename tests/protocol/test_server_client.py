@@ -15,11 +15,20 @@ import trio
 import trio.testing
 from _raw_frontend import Resources, exercise_blk, fail_after, settle
 
-from trio_vhost._io.transport import open_unix_listener
+from trio_vhost._io.transport import UnixListener, open_unix_listener
 from trio_vhost.devices.blk import BlkDevice
 from trio_vhost.frontend import Frontend
 from trio_vhost.mem.guest import GuestRam
 from trio_vhost.server import CLIENT_RETRY_MAX, CLIENT_RETRY_MIN, serve_client
+
+
+def listen_now(path: str) -> UnixListener:
+    """Listen without a checkpoint: under an autojump clock, trio's bind (which may run
+    in a thread) lets the clock leap ahead while it runs, and the test's deadline with it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen()
+    return UnixListener(trio.socket.from_stdlib_socket(sock), path)
 
 
 @fail_after()
@@ -53,7 +62,7 @@ async def test_backend_waits_for_the_frontend_to_listen(
             # No socket file for a while: the backend backs off, up to its cap.
             await trio.sleep(10)
             assert not os.path.exists(sock_path)
-            listener = await open_unix_listener(sock_path)
+            listener = listen_now(sock_path)
             try:
                 listening = trio.current_time()
                 async with Frontend(await listener.accept()) as frontend:
@@ -80,7 +89,7 @@ async def test_a_refusing_socket_file_is_waited_on(
             nursery.start_soon(serve_client, blk, sock_path)
             await trio.sleep(3)
             os.unlink(sock_path)
-            listener = await open_unix_listener(sock_path)
+            listener = listen_now(sock_path)
             try:
                 async with Frontend(await listener.accept()) as frontend:
                     await exercise_blk(frontend, ram, image_fd, 16)
