@@ -271,6 +271,10 @@ class Frontend:
         """GET_INFLIGHT_FD: return the backend's region description and its fd; a checkpoint.
 
         The caller owns the returned fd (hand it back with :meth:`set_inflight_fd`).
+
+        Raises:
+            RequestNacked: the backend could not give a region (it answered size 0 and no
+                fd, as it may; QEMU then goes on without in-flight tracking).
         """
         request = Inflight(0, 0, num_queues, queue_size)
         data = self.codec.request(FrontendReq.GET_INFLIGHT_FD, request, need_reply=False)
@@ -285,6 +289,8 @@ class Frontend:
         except BaseException:
             close_all(got)
             raise
+        if reply.mmap_size == 0:
+            raise RequestNacked("GET_INFLIGHT_FD: the backend gave no in-flight region")
         return reply, got[0]
 
     async def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:

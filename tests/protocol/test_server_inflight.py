@@ -83,6 +83,14 @@ async def test_get_inflight_fd_failure_replies_size_zero_without_fd(blk_server: 
         await fe.request(FrontendReq.GET_INFLIGHT_FD, Inflight(0, 0, 9, 128))  # 2 queues
         reply = await fe.expect_reply(FrontendReq.GET_INFLIGHT_FD, 24)
         assert Inflight.decode(reply.body) == Inflight(0, 0, 9, 128)
+    # Our own frontend takes that reply and says why.
+    async with await Frontend.connect(blk_server) as frontend:
+        await frontend.negotiate()
+        with pytest.raises(RequestNacked, match="no in-flight region"):
+            await frontend.get_inflight_fd(9, 128)
+        desc, fd = await frontend.get_inflight_fd(2, 128)  # the connection is still good
+        fd.close()
+        assert desc.mmap_size > 0
 
 
 @pytest.mark.parametrize("code", [FrontendReq.GET_INFLIGHT_FD, FrontendReq.SET_INFLIGHT_FD])

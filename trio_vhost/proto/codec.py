@@ -22,7 +22,7 @@ from .constants import (
     ProtocolFeature,
     VirtioFeature,
 )
-from .messages import U64, Body, MemoryTable, VringArea, VringFile
+from .messages import U64, Body, Inflight, MemoryTable, VringArea, VringFile
 from .rules import FdRule, Negotiation, Opaque, Rule
 from .wire import Header, decoded
 
@@ -260,6 +260,10 @@ def decode_reply_body(
     if not kind.size_ok(header.size):
         raise RemoteProtocolError(f"{name} reply of {header.size} bytes")
     value = kind.decode(body)
+    if nfds is not None and rule.reply and rule.reply_fds is FdRule.UNLESS_EMPTY:
+        empty = cast(Inflight, value).mmap_size == 0
+        if nfds != (0 if empty else 1):
+            raise RemoteProtocolError(f"{name} reply: mmap_size empty is {empty} but {nfds} fds")
     if request_body is not None and rule.reply_check is not None:
         decoded(rule.reply_check, request_body, value)
     return value

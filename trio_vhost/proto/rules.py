@@ -118,6 +118,9 @@ class FdRule(Enum):
     MAYBE_ONE = "at most one fd"
     #: One unless the body's NOFD bit 8 is set, then none (SET_VRING_KICK/CALL/ERR).
     NOFD_BIT = "one fd unless NOFD is set"
+    #: One unless the body's ``mmap_size`` is 0, then none (GET_INFLIGHT_FD's reply: a
+    #: backend that cannot give a region answers size 0 without an fd, as QEMU accepts).
+    UNLESS_EMPTY = "one fd unless mmap_size is 0"
     #: One per memory region, in region order (SET_MEM_TABLE).
     PER_REGION = "one fd per region"
     #: Up to MAX_FDS (crosvm RESTORE: the kick eventfds).
@@ -134,6 +137,7 @@ _FD_BOUNDS: Final = {
     FdRule.ONE: (1, 1),
     FdRule.MAYBE_ONE: (0, 1),
     FdRule.NOFD_BIT: (0, 1),
+    FdRule.UNLESS_EMPTY: (0, 1),
     FdRule.PER_REGION: (1, MAX_FDS),
     FdRule.ANY: (0, MAX_FDS),
 }
@@ -375,7 +379,7 @@ FRONTEND_RULES: Final[Mapping[int, Rule]] = {
     _F.POSTCOPY_LISTEN: Rule(None, protocol=_P.PAGEFAULT, excluded=_P.CONFIGURE_MEM_SLOTS),
     _F.POSTCOPY_END: Rule(None, reply=_U64, protocol=_P.PAGEFAULT, excluded=_P.CONFIGURE_MEM_SLOTS),
     _F.GET_INFLIGHT_FD: Rule(
-        Inflight, reply=(Inflight,), reply_fds=FdRule.ONE, protocol=_P.INFLIGHT_SHMFD
+        Inflight, reply=(Inflight,), reply_fds=FdRule.UNLESS_EMPTY, protocol=_P.INFLIGHT_SHMFD
     ),
     _F.SET_INFLIGHT_FD: Rule(Inflight, FdRule.ONE, protocol=_P.INFLIGHT_SHMFD),
     _F.GPU_SET_SOCKET: Rule(None, FdRule.ONE),

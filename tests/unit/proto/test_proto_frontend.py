@@ -101,6 +101,11 @@ def test_decode_reply_ack_and_fds() -> None:
     assert decode_reply(F.GET_INFLIGHT_FD, *reply_frame(F.GET_INFLIGHT_FD, inflight), nfds=1)
     with pytest.raises(RemoteProtocolError, match="fds"):
         decode_reply(F.GET_INFLIGHT_FD, *reply_frame(F.GET_INFLIGHT_FD, inflight), nfds=0)
+    # A backend without a region answers size 0 and no fd (QEMU accepts it); no fd then.
+    empty = Inflight(0, 0, 1, 128).encode()
+    assert decode_reply(F.GET_INFLIGHT_FD, *reply_frame(F.GET_INFLIGHT_FD, empty), nfds=0)
+    with pytest.raises(RemoteProtocolError, match="fds"):
+        decode_reply(F.GET_INFLIGHT_FD, *reply_frame(F.GET_INFLIGHT_FD, empty), nfds=1)
     advise = decode_reply(F.POSTCOPY_ADVISE, *reply_frame(F.POSTCOPY_ADVISE, b""), nfds=1)
     assert advise == Empty()
 
