@@ -30,7 +30,7 @@ import trio
 
 from ._io.transport import UnixTransport
 from .errors import ConnectionClosed, RemoteProtocolError, VhostUserError
-from .proto.constants import BackendReq
+from .proto.constants import BackendReq, ProtocolFeature
 from .proto.messages import U64
 from .proto.rules import BACKEND_RULES
 from .proto.wire import Header
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .proto.connection import BackendProtocol
     from .proto.messages import Body
 
-__all__ = ["BackendChannel", "BackendChannelClosed", "BackendRequestFailed"]
+__all__ = ["BackendChannel", "BackendChannelClosed", "BackendRequestFailed", "FrontendLink"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class BackendChannel:
         if need_reply is None:
             need_reply = self._protocol.reply_ack_enabled
         data = self._protocol.backend_request(code, body, need_reply=need_reply, nfds=len(fds))
+        LOGGER.debug("back-end request %s", code.name)
         async with self._lock:
             if self._broken is not None:
                 raise BackendChannelClosed(self._broken)
@@ -174,3 +175,79 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError as exc:  # pragma: no cover - the fd was just received
         LOGGER.debug("closing a bad back-end channel fd: %s", exc)
+
+
+@final
+class FrontendLink:
+    """What a device may send the connected frontend on its own initiative.
+
+    The session makes one per connection and hands it to the device
+    (:meth:`Device.frontend_attached <trio_vhost.device.Device.frontend_attached>`); the
+    back-end channel behind it comes and goes with SET_BACKEND_REQ_FD. While the session
+    sleeps (SLEEP or RESTORE until WAKE) nothing is sent: an announcement made then is
+    kept and sent once the session wakes.
+    """
+
+    def __init__(self, protocol: BackendProtocol) -> None:
+        self._protocol = protocol
+        self._channel: BackendChannel | None = None
+        self._paused = False
+        self._config_pending = False
+
+    @property
+    def channel(self) -> BackendChannel | None:
+        """The back-end channel, once the frontend has sent one."""
+        return self._channel
+
+    def set_channel(self, channel: BackendChannel | None) -> None:
+        """Use ``channel`` from now on (SET_BACKEND_REQ_FD); the previous one is closed."""
+        old, self._channel = self._channel, channel
+        if old is not None:
+            old.close()
+
+    def pause(self) -> None:
+        """Send nothing until :meth:`resume` (the session sleeps)."""
+        self._paused = True
+
+    def resume(self) -> bool:
+        """Allow sending again; return whether a config change waits to be announced."""
+        self._paused = False
+        pending, self._config_pending = self._config_pending, False
+        return pending
+
+    def close(self) -> None:
+        """Close the channel (the connection ends)."""
+        self.set_channel(None)
+
+    def can_announce_config(self) -> bool:
+        """Whether CONFIG_CHANGE_MSG can reach this frontend (channel and CONFIG acked)."""
+        acked = self._protocol.acked_protocol_features
+        return (
+            self._channel is not None
+            and self._channel.usable
+            and bool(acked & ProtocolFeature.BACKEND_REQ)
+            and bool(acked & ProtocolFeature.CONFIG)
+        )
+
+    async def config_changed(self) -> bool:
+        """Tell the frontend to read the config space again (CONFIG_CHANGE_MSG); a
+        checkpoint. Never call it from a request handler (see the module docstring).
+
+        Returns True once the frontend has taken it (acked, with REPLY_ACK); False when
+        this frontend cannot be told (no back-end channel, or BACKEND_REQ or CONFIG not
+        negotiated: QEMU learns of it at its next GET_CONFIG) or the session sleeps (it is
+        then sent on WAKE).
+
+        Raises:
+            BackendRequestFailed: the frontend answered with a failure.
+            BackendChannelClosed: the channel broke on the way.
+        """
+        if self._paused:
+            self._config_pending = True
+            return False
+        channel = self._channel
+        if channel is None or not self.can_announce_config():
+            LOGGER.info("config changed; this frontend has no channel to be told on")
+            return False
+        await channel.config_changed()
+        return True

@@ -20,6 +20,7 @@ from .devices.net import NetPort
 from .devices.net_spec import parse_mac
 from .devices.net_switch import Switch
 from .devices.tap import TapDevice, open_tap
+from .errors import VhostUserError
 from .server import serve, serve_client
 
 __all__ = ["main"]
@@ -56,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     blk = commands.add_parser("blk", help="serve a virtio-blk device backed by a raw image")
     blk.add_argument("--socket", required=True, help="unix socket path to listen on")
     _add_client_flag(blk)
-    blk.add_argument("--image", required=True, help="raw image file")
+    blk.add_argument(
+        "--image",
+        required=True,
+        help="raw image file (grown or shrunk while serving: send SIGHUP to announce it)",
+    )
     blk.add_argument("--read-only", action="store_true", help="refuse guest writes")
     blk.add_argument(
         "--queues",
@@ -139,7 +144,7 @@ def _open_image(path: str, *, read_only: bool, create: str | None) -> int:
 
 
 async def _serve_until_signal(device: BlkDevice, path: str, client: bool) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             if client:
                 # Connecting may wait for the frontend: do not hold up the signal handling.
@@ -149,9 +154,27 @@ async def _serve_until_signal(device: BlkDevice, path: str, client: bool) -> Non
                 await nursery.start(serve, device, path)
                 LOGGER.info("serving virtio-blk on %s", path)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # Its own task: the frontend answers only after a GET_CONFIG of ours.
+                    nursery.start_soon(_announce_resize, device)
+                    continue
                 LOGGER.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _announce_resize(device: BlkDevice) -> None:
+    """SIGHUP: the image may have been resized; tell the frontend if it was."""
+    try:
+        told = await device.resized()
+    except (OSError, VhostUserError) as exc:
+        LOGGER.warning("SIGHUP: could not announce the image size: %s", exc)
+        return
+    LOGGER.info(
+        "SIGHUP: %d sectors; %s",
+        device.capacity,
+        "the frontend was told" if told else "no frontend was told",
+    )
 
 
 def _run_reporting_os_errors(fn: Callable[..., Awaitable[None]], *args: object) -> None:

@@ -31,6 +31,7 @@ from .proto.constants import ProtocolFeature, VirtioFeature
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
+    from .backend_channel import FrontendLink
     from .mem.table import MemoryTable
     from .vring.batch import ChainBatch
     from .vring.chain import DescriptorChain
@@ -55,6 +56,7 @@ LIBRARY_FEATURES = (
 #: beyond QEMU 7.2's mask (bits 0-16): such a frontend never sees it.
 LIBRARY_PROTOCOL_FEATURES = (
     ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.DEVICE_STATE
@@ -149,6 +151,23 @@ class Device:
 
     def reset(self) -> None:
         """Return to the initial state (RESET_DEVICE, RESET_OWNER, disconnect)."""
+
+    #: The connected frontend (between :meth:`frontend_attached` and
+    #: :meth:`frontend_detached`), for messages the device sends on its own initiative.
+    frontend: FrontendLink | None = None
+
+    def frontend_attached(self, link: FrontendLink) -> None:
+        """A frontend connected; ``link`` reaches it until :meth:`frontend_detached`.
+
+        E.g. ``await self.frontend.config_changed()`` after the config space changed
+        (CONFIG_CHANGE_MSG on the back-end channel), from a task of the device's own,
+        never from a method the session calls. The default keeps it in :attr:`frontend`.
+        """
+        self.frontend = link
+
+    def frontend_detached(self) -> None:
+        """The frontend's connection ended; :attr:`frontend` goes back to None."""
+        self.frontend = None
 
     def queue_started(self, index: int, wake: Callable[[], None]) -> None:
         """Called when a vring's worker starts (after SET_VRING_KICK).

@@ -25,6 +25,12 @@ import trio
 
 from ._fd import OwnedFd, close_all
 from ._io.eventfd import EventFd
+from .backend_channel import (
+    BackendChannel,
+    BackendChannelClosed,
+    BackendRequestFailed,
+    FrontendLink,
+)
 from .dirty_tracking import DirtyTracking
 from .errors import (
     DeviceError,
@@ -97,9 +103,9 @@ class Session(StateTransfer):
         self.region_refs: dict[tuple[int, int, int, int], int] = {}
         self.slots = [VringSlot(index) for index in range(device.num_queues)]
         self.status = 0
-        self.backend_channel: OwnedFd | None = None
-        #: SLEEP (or RESTORE) was received: no worker may start until WAKE.
-        self.sleeping = False
+        #: The device's way to the frontend (back-end channel messages), see FrontendLink.
+        self.link = FrontendLink(self.protocol)
+        self._sleeping = False
         self._nursery: trio.Nursery | None = None
         #: The last SET_DEVICE_STATE_FD transfer (CHECK_DEVICE_STATE reports on it).
         self._transfer: _Transfer | None = None
@@ -109,6 +115,29 @@ class Session(StateTransfer):
         self.dirty = DirtyTracking()
         #: Fds to attach to the next own reply (set by a handler, taken by _dispatch).
         self._reply_fds: tuple[int, ...] = ()
+        device.frontend_attached(self.link)
+
+    @property
+    def sleeping(self) -> bool:
+        """SLEEP (or RESTORE) was received: no worker may start and no back-end message
+        may be sent until WAKE."""
+        return self._sleeping
+
+    @sleeping.setter
+    def sleeping(self, value: bool) -> None:
+        self._sleeping = value
+        if value:
+            self.link.pause()
+        elif self.link.resume() and self._nursery is not None:
+            # Not awaited here: the frontend may need this connection to answer it.
+            self._nursery.start_soon(self._announce_config_change)
+
+    async def _announce_config_change(self) -> None:
+        """Send the CONFIG_CHANGE_MSG a device asked for while the session slept."""
+        try:
+            await self.link.config_changed()
+        except (BackendChannelClosed, BackendRequestFailed) as exc:
+            LOGGER.warning("config change announced at WAKE failed: %s", exc)
 
     # -- the control loop --------------------------------------------------------------
 
@@ -268,9 +297,7 @@ class Session(StateTransfer):
         self.device.write_config(msg.offset, msg.payload, msg.flags)
 
     async def _set_backend_req_fd(self, request: Request) -> None:
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-        self.backend_channel = OwnedFd(request.fds[0].detach())
+        self.link.set_channel(BackendChannel.from_fd(request.fds[0], self.protocol))
 
     # -- memory ------------------------------------------------------------------------
 
@@ -629,8 +656,8 @@ class Session(StateTransfer):
             await self.stop_all_rings(hard=True)
         for slot in self.slots:
             slot.close_fds()
-        if self.backend_channel is not None:
-            self.backend_channel.close()
+        self.link.close()
+        self.device.frontend_detached()
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None

@@ -115,13 +115,31 @@ class BlkDevice(Device):
     def capacity(self) -> int:
         """Image size in 512-byte sectors (a partial last sector is not exposed).
 
-        Read once: the guest is told the size at start-up and has no way to learn of a
-        change (no CONFIG_CHANGE_MSG is sent), and an fstat per request costs more than
-        the bounds check it feeds.
+        Read once, and again by :meth:`resized`: an fstat per request costs more than the
+        bounds check it feeds, and the guest learns of a new size only when told.
         """
         if self._capacity is None:
             self._capacity = os.fstat(self.fd).st_size // SECTOR_SIZE
         return self._capacity
+
+    async def resized(self) -> bool:
+        """Read the image size again and, if the capacity changed, tell the frontend
+        (CONFIG_CHANGE_MSG; QEMU then reads the config space and interrupts the guest); a
+        checkpoint. Call it from a task of your own after growing or shrinking the image
+        (``trio-vhost blk`` does on SIGHUP).
+
+        Returns whether a connected frontend was told of a new capacity (False: the size
+        did not change, no frontend is connected, or it cannot be told; it then learns the
+        size at its next GET_CONFIG, QEMU at the next boot).
+        """
+        old = self._capacity
+        self._capacity = None
+        new = self.capacity
+        if new == old:
+            return False
+        LOGGER.info("image is now %d sectors (was %s)", new, old)
+        link = self.frontend
+        return link is not None and await link.config_changed()
 
     # -- negotiation and config ----------------------------------------------------------
 
