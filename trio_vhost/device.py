@@ -61,6 +61,7 @@ LIBRARY_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.DEVICE_STATE
     | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.SHARED_MEMORY_REGIONS
 )
 
 
@@ -146,6 +147,15 @@ class Device:
     def write_config(self, offset: int, data: bytes, flags: int) -> None:
         """Write config space (SET_CONFIG); ``flags`` 1 means a migration write."""
         raise UnsupportedRequest("device config space is read-only")
+
+    def shared_memory_regions(self) -> Sequence[tuple[int, int]]:
+        """Return the device's VIRTIO shared memory regions as ``(shmid, length)`` pairs.
+
+        crosvm asks for them with GET_SHARED_MEMORY_REGIONS (its protocol bit 31) to size
+        what it maps for the device (virtio-fs DAX windows, virtio-gpu host-visible
+        memory). At most 256, with distinct u8 ids. The default is none.
+        """
+        return ()
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from .proto.messages import (
     VringFile,
     VringState,
 )
+from .proto.messages_ext import SharedMemoryRegions
 from .proto.wire import Header
 from .vring.driver import DriverQueue
 
@@ -247,6 +248,13 @@ class Frontend:
         )
         assert isinstance(reply, VringState)
         return reply.num
+
+    async def get_shared_memory_regions(self) -> tuple[tuple[int, int], ...]:
+        """crosvm's GET_SHARED_MEMORY_REGIONS: ``(shmid, length)`` pairs; a checkpoint."""
+        reply = await self.request(FrontendReq.GET_SHARED_MEMORY_REGIONS, need_reply=False)
+        if not isinstance(reply, SharedMemoryRegions):  # pragma: no cover - codec checks it
+            raise VhostUserError(f"GET_SHARED_MEMORY_REGIONS answered with {reply!r}")
+        return reply.regions
 
     # -- the back-end channel (BACKEND_REQ) -------------------------------------------------
 

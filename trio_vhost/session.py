@@ -35,6 +35,7 @@ from .dirty_tracking import DirtyTracking
 from .errors import (
     DeviceError,
     GuestMemoryError,
+    LocalProtocolError,
     RemoteProtocolError,
     UnsupportedRequest,
     VirtqueueError,
@@ -59,7 +60,7 @@ from .proto.messages import (
 from .proto.messages import (
     MemoryTable as MemoryTableMsg,
 )
-from .proto.messages_ext import Success
+from .proto.messages_ext import SharedMemoryRegions, Success
 from .session_state import _NOFD, _TRANSFER_FAILED, MAX_QUEUE_SIZE, StateTransfer, _Transfer
 from .slot import RingWorkerHandle, VringSlot
 from .vring.split import SplitQueue
@@ -295,6 +296,13 @@ class Session(StateTransfer):
     async def _set_config(self, request: Request) -> None:
         msg = request.expect(ConfigSpace)
         self.device.write_config(msg.offset, msg.payload, msg.flags)
+
+    async def _get_shared_memory_regions(self, request: Request) -> Body:
+        """crosvm's GET_SHARED_MEMORY_REGIONS: the device's VIRTIO shared memory regions."""
+        try:
+            return SharedMemoryRegions(tuple(self.device.shared_memory_regions()))
+        except LocalProtocolError as exc:  # more than 256, or repeated ids
+            raise DeviceError(f"the device's shared memory regions: {exc}") from exc
 
     async def _set_backend_req_fd(self, request: Request) -> None:
         self.link.set_channel(BackendChannel.from_fd(request.fds[0], self.protocol))
@@ -726,6 +734,8 @@ def _failure_reply(request: Request) -> Body | None:
     if code is FrontendReq.SET_LOG_BASE:
         # Its reply is owed with or without REPLY_ACK (QEMU waits for it); non-zero: failed.
         return U64(1)
+    if code is FrontendReq.GET_SHARED_MEMORY_REGIONS:
+        return SharedMemoryRegions(())
     if code is FrontendReq.GET_INFLIGHT_FD:
         # mmap_size 0 and no fd: QEMU then goes on without in-flight tracking.
         wanted = request.expect(Inflight)
@@ -756,6 +766,7 @@ _HANDLERS: Final[dict[FrontendReq, _Handler]] = {
     FrontendReq.GET_CONFIG: Session._get_config,
     FrontendReq.SET_CONFIG: Session._set_config,
     FrontendReq.SET_BACKEND_REQ_FD: Session._set_backend_req_fd,
+    FrontendReq.GET_SHARED_MEMORY_REGIONS: Session._get_shared_memory_regions,
     FrontendReq.GET_MAX_MEM_SLOTS: Session._get_max_mem_slots,
     FrontendReq.ADD_MEM_REG: Session._add_mem_reg,
     FrontendReq.REM_MEM_REG: Session._rem_mem_reg,
