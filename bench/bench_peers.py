@@ -11,11 +11,14 @@ table shows medians (min-max over rounds) and the ratio ours/peer.
   QD requests in flight) against (a) ``trio-vhost blk`` and (b) qemu-storage-daemon's
   vhost-user-blk export of the same raw image (pre-written, so reads hit the page cache).
   4 KiB random reads and writes at QD 1/32/128, 1 MiB sequential reads, p50/p99 at QD1.
+  Then the guest view: a QEMU guest (TCG) timing O_DIRECT dd through each backend
+  (1 MiB writes and reads, 4 KiB reads at QD1; guest role tests/interop/guest/blk-dd.sh).
 * **cost**: backend CPU seconds per million requests (``/proc/<pid>/stat``), peak RSS
   (``VmHWM``), 1 vs 2 queues.
 
 The launchers, testpmd control and port statistics come from ``tests/interop/harness.py``.
-Prerequisites (DPDK testpmd, qemu-storage-daemon) are checked, never installed:
+Prerequisites (DPDK testpmd, qemu-storage-daemon, QEMU and the guest images) are checked,
+never installed:
 ``bash scripts/setup-interop.sh`` installs them. Details and results: bench/README.md.
 
 Run: ``.venv/bin/python bench/bench_peers.py [--quick] [--rounds N]``
@@ -258,6 +261,12 @@ def missing_prerequisites(net: bool, blk: bool) -> list[str]:
             missing.append(f"DPDK for the net comparison: {str(exc).split(';')[0]}")
     if blk and shutil.which("qemu-storage-daemon") is None:
         missing.append("`qemu-storage-daemon` (package qemu-system-common) for the blk comparison")
+    if blk:
+        for find in (H.find_qemu, H.find_guest_images):
+            try:
+                find()
+            except H.Unavailable as exc:
+                missing.append(f"the blk guest view: {str(exc).split(';')[0]}")
     return missing
 
 
@@ -1021,9 +1030,52 @@ async def blk_phase(
                             row = results.rows[f"blk-{wl.key}-p{pct}"]
                             row.samples[name].append(Sample(float(np.percentile(lat, pct))))
                     progress(f"blk {wl.label} {name}: {value:,.0f} {rows[wl.key].unit}")
+        await guest_view(results, workdir, backends, rounds)
         rss = results.row("rss-blk", "cost", "blk backend peak RSS", "MiB", higher=False)
         for name, (_sock, pid) in backends.items():
             rss.samples[name].append(Sample(peak_rss_mib(pid)))
+
+
+#: The guest view: the region a TCG guest writes then reads with O_DIRECT dd (1 MiB
+#: requests), and how many 4 KiB reads it times at queue depth 1 (role blk-dd).
+GUEST_OFF: Final = 128 * MIB
+GUEST_MIB: Final = 64
+GUEST_N4K: Final = 2000
+GUEST_ROWS: Final = (
+    ("blk-dd-write", "MiBps", "dd 1M write", "MB/s", 1.048576),
+    ("blk-dd-read", "MiBps", "dd 1M read", "MB/s", 1.048576),
+    ("blk-dd-read4k", "iops", "dd 4K read QD1", "IOPS", 1.0),
+)
+
+
+async def guest_view(
+    results: Results,
+    workdir: H.Workdir,
+    backends: dict[str, tuple[Path, int]],
+    rounds: int,
+) -> None:
+    """A QEMU guest (TCG unless TRIO_VHOST_INTEROP_ACCEL=kvm) timing O_DIRECT dd through
+    each backend in turn: what a guest sees, emulation cost included."""
+    tools, images = H.find_qemu(), H.find_guest_images()
+    rows = [results.row(f"guest-{m}", "guest", label, unit) for m, _, label, unit, _ in GUEST_ROWS]
+    params = {"off": GUEST_OFF, "mib": GUEST_MIB, "n4k": GUEST_N4K}
+    for r in range(rounds):
+        for name in (OURS, PEER) if r % 2 == 0 else (PEER, OURS):
+            sock, pid = backends[name]
+            spec = H.GuestSpec(
+                name=f"dd-{name}-{r}",
+                role="blk-dd",
+                params=params,
+                blk=[H.BlkDisk(sock, num_queues=1)],
+            )
+            cpu0 = proc_cpu_seconds(pid)
+            report = await H.run_guest(tools, images, spec, workdir, timeout=180)
+            report.check(required=[m for m, *_ in GUEST_ROWS])
+            cpu = proc_cpu_seconds(pid) - cpu0
+            for row, (marker, key, _, _, scale) in zip(rows, GUEST_ROWS, strict=True):
+                value = float(report.field(marker, key)) * scale
+                row.samples[name].append(Sample(value))
+            progress(f"guest dd {name}: {report.wall_s:.1f} s, backend CPU {cpu:.2f} s")
 
 
 # -- orchestration ---------------------------------------------------------------------------
