@@ -6,9 +6,11 @@ Run it, then attach QEMU::
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
         -machine q35,memory-backend=mem \\
         -chardev socket,id=rng0,path=/tmp/rng.sock \\
-        -device vhost-user-device-pci,chardev=rng0,virtio-id=4,num_vqs=1
+        -device vhost-user-rng-pci,chardev=rng0
 
-Every chain the guest posts on the single queue is filled with random bytes.
+Every chain the guest posts on the single queue is filled with random bytes; the guest's
+virtio_rng driver serves them on /dev/hwrng (tests/interop/test_example_rng.py boots such a
+guest).
 """
 
 from __future__ import annotations

@@ -86,9 +86,10 @@ fi
 
 # ---- 2. guest kernel -----------------------------------------------------------------------
 KDIR=$DIR/kernel
-MODULES=(virtio_pci virtio_blk virtio_net)   # their dependencies are added from modinfo
+MODULES=(virtio_pci virtio_blk virtio_net virtio_rng)   # dependencies are added from modinfo
 if ((DO_KERNEL)); then
-    if [[ -s $KDIR/vmlinuz && -s $KDIR/modules.order && -s $KDIR/package ]]; then
+    if [[ -s $KDIR/vmlinuz && -s $KDIR/modules.order && -s $KDIR/package
+          && "$(cat "$KDIR/wanted" 2>/dev/null)" == "${MODULES[*]}" ]]; then
         say "kernel already there: $(cat "$KDIR/package")"
     else
         command -v dpkg-deb >/dev/null || { echo "setup-interop: dpkg-deb missing" >&2; exit 1; }
@@ -111,7 +112,9 @@ if ((DO_KERNEL)); then
         add_module() {
             local m=$1 f deps d
             for d in "${order[@]}"; do [[ $d == "$m" ]] && return 0; done
-            f=$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -1)
+            # Module names treat - and _ alike; the files use either (virtio-rng.ko).
+            local h=${m//_/-}
+            f=$(find "$moddir" \( -name "$m.ko*" -o -name "$h.ko*" \) | head -1)
             if [[ -z $f ]]; then
                 local sym=CONFIG_$(echo "$m" | tr a-z A-Z)
                 grep -q "^$sym=y" "$stage/out/config" && return 0
@@ -129,6 +132,7 @@ if ((DO_KERNEL)); then
         }
         for m in "${MODULES[@]}"; do add_module "$m"; done
         printf '%s\n' "${order[@]}" >"$stage/out/modules.order"
+        echo "${MODULES[*]}" >"$stage/out/wanted"
         echo "$pkg" >"$stage/out/package"
         rm -rf "$KDIR"
         mv "$stage/out" "$KDIR"
@@ -148,7 +152,7 @@ for script in "$GUEST_SRC"/*.sh; do
     out=$DIR/initramfs/$role.cpio.gz
     # Inputs fingerprint; tests/interop/harness.py computes the same list to detect staleness.
     inputs=$( (cd "$GUEST_SRC" && sha256sum init "$role.sh") ; sha256sum "$BUSYBOX" | cut -d' ' -f1;
-              cat "$KDIR/package")
+              cat "$KDIR/package"; paste -sd' ' "$KDIR/modules.order")
     if [[ -s $out && -f $DIR/initramfs/$role.inputs ]] && [[ $(cat "$DIR/initramfs/$role.inputs") == "$inputs" ]]; then
         continue
     fi

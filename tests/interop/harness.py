@@ -147,6 +147,8 @@ def _initramfs_fingerprint(role: str, cache: Path) -> str:
         f"{sha(GUEST_SRC / f'{role}.sh')}  {role}.sh",
         sha(Path("/bin/busybox")),
         (cache / "kernel" / "package").read_text().strip(),
+        # the modules in the image, one line, space-separated (as setup-interop.sh writes)
+        " ".join((cache / "kernel" / "modules.order").read_text().split()),
     ]
     return "\n".join(lines)
 
