@@ -7,9 +7,12 @@ timed, and the pop and the completion are timed separately:
 * ``arrays``: ``pop_arrays`` (a :class:`ChainBatch` of numpy arrays) + ``add_used_arrays``;
 * ``naive``: ``pop`` + ``add_used`` per chain;
 
-over 64-byte single-descriptor chains (the vectorised fast path) and over two-descriptor
-chains (which take the per-chain walk). "ns/chain" columns are medians over full-ring rounds;
-``device`` is the time spent between the two calls building the completions.
+over 64-byte single-descriptor chains (the simple fast path), two-descriptor chains, and
+virtio-blk shaped requests (header, 4 KiB, status) laid out directly or, as Linux posts them
+with VIRTIO_F_INDIRECT_DESC, in an indirect table each: chained and indirect chains are
+followed with numpy (``vring/follow.py``) when popped as arrays. "ns/chain" columns are
+medians over full-ring rounds; ``device`` is the time spent between the two calls building
+the completions.
 
 Run: ``.venv/bin/python bench/bench_vring_pure.py [--rounds N]``
 """
@@ -40,7 +43,19 @@ def refill_single(driver: DriverQueue, n: int) -> None:
 
 def refill_chained(driver: DriverQueue, n: int) -> None:
     for _ in range(n // 2):
-        driver.add([16], [48])
+        driver.add([16], [48], indirect=False)
+    driver.publish()
+
+
+def refill_blk(driver: DriverQueue, n: int) -> None:
+    for _ in range(n // 3):
+        driver.add([16], [4096, 1], indirect=False)
+    driver.publish()
+
+
+def refill_blk_indirect(driver: DriverQueue, n: int) -> None:
+    for _ in range(n // 3):
+        driver.add([16], [4096, 1], indirect=True)
     driver.publish()
 
 
@@ -80,7 +95,7 @@ def measure(size: int, refill: Refill, device: Pass, rounds: int) -> tuple[float
     ram = GuestRam.create(16 << 20)
     table = MemoryTable.from_regions([ram.backend_region()])
     try:
-        driver = DriverQueue.create(ram, size, pool_size=size * 256)
+        driver = DriverQueue.create(ram, size, indirect=True, pool_size=size * 4352)
         queue = SplitQueue(table, driver.queue_state())
         pops, devs, adds = [], [], []
         for _ in range(rounds):
@@ -115,6 +130,8 @@ def main() -> None:
     if hasattr(SplitQueue, "pop_arrays"):
         variants[1:1] = [("arrays, 1 desc", refill_single, arrays_pass)]
         variants.append(("arrays, 2-desc chains", refill_chained, arrays_pass))
+        variants.append(("arrays, blk 3-desc", refill_blk, arrays_pass))
+        variants.append(("arrays, blk indirect", refill_blk_indirect, arrays_pass))
     totals: dict[tuple[int, str], float] = {}
     for size in (256, 1024):
         for name, refill, device in variants:

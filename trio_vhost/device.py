@@ -229,11 +229,20 @@ class Device:
         """Process a whole batch given as arrays; return the used lengths.
 
         Return one int for every chain, or an array of ``batch.count`` lengths, in the
-        order of ``batch.heads``. Single-buffer chains are described by ``batch.addr``,
-        ``batch.length``, ``batch.writable`` (and ``batch.region``/``batch.offset`` into
-        ``batch.table.regions``); the others are in ``batch.complex_chains``. The default
-        hands ``batch.chains`` to :meth:`process_batch` and completes every chain with the
-        length it reports.
+        order of ``batch.heads``. Three views of the same chains, all already checked
+        against guest memory (:mod:`trio_vhost.vring.batch`):
+
+        * single-buffer chains (``batch.simple``) one row each in ``batch.addr``,
+          ``batch.length``, ``batch.writable``, ``batch.region``/``batch.offset`` (into
+          ``batch.table.regions``);
+        * every chain the queue followed, one buffer per row, in ``batch.segments`` (chain
+          ``i`` owns rows ``segments.start[i]:segments.start[i + 1]``): the view for
+          multi-buffer requests (virtio-blk's header, data, status);
+        * the few chains walked one by one (indirect or odd) in ``batch.walked``; and
+          any chain as a :class:`DescriptorChain` via ``batch.chain(i)``.
+
+        The default hands ``batch.chains`` to :meth:`process_batch` and completes every
+        chain with the length it reports.
         """
         completions = dict(self.process_batch(queue, batch.chains))
         return np.array([completions[int(head)] for head in batch.heads], dtype=np.uint32)

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     from ._io.eventfd import EventFd
     from .mem.dirty import DirtyLog
-    from .vring.batch import ChainBatch
+    from .vring.batch import ChainBatch, Segments
     from .vring.chain import DescriptorChain
 
 __all__ = ["NO_TRACKING", "DirtyTracking"]
@@ -116,20 +116,23 @@ class DirtyTracking:
         used_gpa: int,
         used_len: int,
     ) -> None:
-        """The array twin of :meth:`log_chains` for a published :class:`ChainBatch`."""
+        """The array twin of :meth:`log_chains` for a published :class:`ChainBatch`.
+
+        The same ranges as :meth:`log_chains` of ``batch.chains``: the followed chains'
+        from :attr:`ChainBatch.segments` with no Python per buffer, the walked ones'
+        one by one.
+        """
         log = self.log
         if log is None:
             return
-        lengths = np.broadcast_to(np.asarray(written, dtype=np.uint64), (batch.count,))
-        simple_len = np.where(
-            batch.writable, np.minimum(lengths, batch.length.astype(np.uint64)), 0
-        ).astype(np.uint64)
-        addrs = [np.array([used_gpa], dtype=np.uint64), batch.addr.astype(np.uint64)]
-        lens = [np.array([used_len], dtype=np.uint64), simple_len]
-        if batch.complex_chains:
+        lengths = np.broadcast_to(np.asarray(written, dtype=np.int64), (batch.count,))
+        seg = batch.segments
+        addrs = [np.array([used_gpa], dtype=np.uint64), seg.addr]
+        lens = [np.array([used_len], dtype=np.uint64), _written_bytes(seg, lengths)]
+        if batch.walked:
             c_addrs: list[int] = []
             c_lens: list[int] = []
-            for position, chain in batch.complex_chains.items():
+            for position, chain in batch.walked.items():
                 left = int(lengths[position])
                 for gpa, n in chain.writable:
                     if left <= 0:
@@ -141,6 +144,25 @@ class DirtyTracking:
             lens.append(np.array(c_lens, dtype=np.uint64))
         log.mark_ranges(np.concatenate(addrs), np.concatenate(lens))
         self._done()
+
+
+def _written_bytes(seg: Segments, used: NDArray[np.int64]) -> NDArray[np.uint64]:
+    """How much of each buffer lies within its chain's used length (``used`` per chain).
+
+    The used length counts the device-writable buffers in chain order: a writable buffer is
+    covered up to what is left of the length after the writable buffers before it in its
+    chain; a readable buffer never is.
+    """
+    if not seg.total:
+        return np.zeros(0, dtype=np.uint64)
+    room = np.where(seg.writable, seg.length, 0).astype(np.int64)
+    before = np.zeros(seg.total + 1, dtype=np.int64)
+    np.cumsum(room, out=before[1:])
+    chain = seg.chain_index()
+    # writable bytes of the same chain before each buffer
+    prior = before[:-1] - before[seg.start[:-1]][chain]
+    covered: NDArray[np.int64] = np.clip(used[chain] - prior, 0, room)
+    return covered.astype(np.uint64)
 
 
 #: The state of a worker started without a session (tests): never active.

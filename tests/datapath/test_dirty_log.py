@@ -17,12 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from numpy.typing import NDArray
 from vhost_dp_harness import RecordingDevice, Rig, fail_after, open_rig
 
 from trio_vhost import FrontendReq, QueueContext, VirtioFeature
-from trio_vhost.mem.dirty import LOG_PAGE
+from trio_vhost.dirty_tracking import DirtyTracking
+from trio_vhost.mem import GuestRam, MemoryTable
+from trio_vhost.mem.dirty import LOG_PAGE, DirtyLog
 from trio_vhost.proto.messages import U64, LogBase, VringAddr
+from trio_vhost.vring import DriverQueue, SplitQueue
 from trio_vhost.vring.batch import ChainBatch
 from trio_vhost.vring.layout import used_ring_size
 
@@ -291,3 +296,56 @@ async def test_write_beyond_the_log_stops_only_that_ring() -> None:
             assert await rig.get_features() & VirtioFeature.LOG_ALL  # the session serves on
         finally:
             log.close()
+
+
+# -- log_arrays against log_chains, batch by batch --------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chains=st.lists(
+        st.tuples(
+            st.lists(st.integers(1, 3000), max_size=2),  # readable buffers
+            st.lists(st.integers(1, 9000), min_size=1, max_size=3),  # writable buffers
+            st.sampled_from([False] * 12 + [True]),  # indirect
+            st.floats(0, 1.2),  # used length, as a share of the writable bytes
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_log_arrays_marks_what_log_chains_marks(chains) -> None:
+    """The array path's dirty pages equal the chain path's for the same published batch:
+    every writable buffer up to the chain's used length, and the used ring."""
+    ram = GuestRam.create(8 << 20, gpa=0x10_0000)
+    table = MemoryTable.from_regions([ram.backend_region()])
+    try:
+        driver = DriverQueue.create(ram, 256, indirect=True, pool_size=6 << 20)
+        heads = [driver.add(list(r), list(w), indirect=ind) for r, w, ind, _ in chains]
+        driver.publish()
+        queue = SplitQueue(table, driver.queue_state())
+        batch = queue.pop_arrays(256)
+        assert batch.heads.tolist() == heads
+        room = batch.writable_len.tolist()
+        written = np.array(
+            [min(int(share * n), 0xFFFF_FFFF) for (*_, share), n in zip(chains, room, strict=True)],
+            dtype=np.uint32,
+        )
+        bitmaps = []
+        for path in ("arrays", "chains"):
+            tracking = DirtyTracking()
+            bitmap = np.zeros((ram.gpa + ram.size) // LOG_PAGE // 8 + 8, dtype=np.uint8)
+            tracking.set_log(DirtyLog(None, bitmap))
+            tracking.set_log_all(True)
+            if path == "arrays":
+                tracking.log_arrays(batch, written, 0x12_3000, 100)
+            else:
+                completions = list(zip(heads, written.tolist(), strict=True))
+                tracking.log_chains(batch.chains, completions, 0x12_3000, 100)
+            bitmaps.append(bitmap)
+        assert (bitmaps[0] == bitmaps[1]).all()
+        event(f"walked {min(len(batch.walked), 2)}+, uniform {batch.segments.uniform}")
+        del queue, batch
+    finally:
+        table.close()
+        ram.close()

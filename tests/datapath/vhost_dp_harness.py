@@ -39,6 +39,7 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import trio
 import trio.testing
+from numpy.typing import NDArray
 
 from trio_vhost import (
     DescriptorChain,
@@ -56,6 +57,7 @@ from trio_vhost._io.transport import UnixTransport
 from trio_vhost.device import Completion
 from trio_vhost.proto.messages import U64, MemoryTable, MemRegion, VringState
 from trio_vhost.proto.messages_ext import Success
+from trio_vhost.vring.batch import ChainBatch
 from trio_vhost.vring.chain import ChainReader, ChainWriter
 from trio_vhost.vring.layout import (
     VIRTQ_DESC_F_INDIRECT,
@@ -181,7 +183,23 @@ class AsyncRecordingDevice(RecordingDevice):
         return park
 
 
+class ArrayRecordingDevice(RecordingDevice):
+    """The same device on the worker's array path (:attr:`Device.uses_arrays`)."""
+
+    uses_arrays = True
+
+    def process_arrays(self, queue: QueueContext, batch: ChainBatch) -> NDArray[np.uint32]:
+        self.batches[queue.index].append(batch.count)
+        written = np.zeros(batch.count, dtype=np.uint32)
+        for i in range(batch.count):
+            self._arrive(queue)
+            written[i] = self.handle_chain(queue, batch.chain(i))[1]
+        return written
+
+
 def make_device(kind: str) -> RecordingDevice:
+    if kind == "arrays":
+        return ArrayRecordingDevice()
     return AsyncRecordingDevice() if kind == "async" else RecordingDevice()
 
 

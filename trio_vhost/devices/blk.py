@@ -1,9 +1,14 @@
 """BlkDevice: a virtio-blk device backed by a raw image file.
 
 Reads go straight from the image into the guest's buffers and writes straight from them
-(``preadv``/``pwritev`` on numpy views of guest memory: no intermediate copy). Every request
+(``preadv``/``pwritev`` on views of guest memory: no intermediate copy). Every request
 gets a status byte: UNSUPP for an unknown type, IOERR for a sector range past the end, a
 buffer layout the spec does not allow, or a write to a read-only image.
+
+Two routes to the same results: the worker hands whole batches to :meth:`BlkDevice.process_arrays`,
+which does plain reads and writes with numpy and one system call each (:mod:`.blk_fast`)
+and passes every other request to the per-chain code here (:meth:`BlkDevice.process_batch`,
+which the threaded variant uses for everything).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from ..device import Completion, Device, QueueContext
 from ..errors import DeviceError, UnsupportedRequest
 from ..proto.constants import ProtocolFeature
+from .blk_fast import IOV_MAX, process_batch_arrays
 from .blk_spec import (
     CONFIG_SIZE,
     DISCARD_SEGMENT,
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
     from ..mem.table import MemoryTable
+    from ..vring.batch import ChainBatch
     from ..vring.chain import DescriptorChain
 
 __all__ = ["BlkDevice"]
@@ -50,8 +57,6 @@ SEG_MAX: Final = 254
 #: Largest discard / write-zeroes range per segment, in sectors (announce, then enforce).
 MAX_DISCARD_SECTORS: Final = 1 << 22
 MAX_DISCARD_SEG: Final = 16
-#: Linux caps one preadv/pwritev at IOV_MAX buffers.
-IOV_MAX: Final = 1024
 
 #: save_state(), version 1: u8 version, u8 flags (bit 0 writeback, bit 1 read-only),
 #: u16 queues, u64 capacity in sectors, 20-byte serial; little-endian. Everything but
@@ -205,6 +210,18 @@ class BlkDevice(Device):
         self.writeback = bool(flags & _STATE_WRITEBACK)
 
     # -- data path -------------------------------------------------------------------------
+
+    #: The worker hands whole batches as arrays to :meth:`process_arrays` (blk_fast.py).
+    uses_arrays: ClassVar[bool] = True
+
+    def process_arrays(self, queue: QueueContext, batch: ChainBatch) -> NDArray[np.uint32]:
+        """Process a batch: plain reads and writes vectorised (:mod:`.blk_fast`), every
+        other request through the per-chain code, all in ring order."""
+        memory = queue.memory
+        request, chain = self._request, batch.chain
+        written = process_batch_arrays(self, memory, batch, lambda pos: request(memory, chain(pos)))
+        self.requests += batch.count
+        return written
 
     def process_batch(
         self, queue: QueueContext, chains: Sequence[DescriptorChain]

@@ -3,14 +3,16 @@
 Fast path (measured in ``lab/ring-spike.md``): one read of ``avail.idx`` per batch, the heads
 read with contiguous slices of the available ring (two slices when the batch wraps), one
 vectorised gather of their descriptor rows, one vectorised check of their buffers against the
-memory table, and a per-chain walk only for chains that use NEXT or INDIRECT (or whose single
-buffer needs a closer look). Completions go out as contiguous slice assignments into the used
-ring, then one store of ``used.idx``.
+memory table. Chained batches follow their NEXT links (into indirect tables too) with one
+gather per link for all chains at once (:mod:`~trio_vhost.vring.follow`); only odd chains
+(a zero-length or region-spanning buffer, a broken chain) and batches too small to pay for
+numpy are walked one by one. Completions go out as contiguous slice assignments into the
+used ring, then one store of ``used.idx``.
 
 Two interfaces to the same path: :meth:`SplitQueue.pop_batch` / :meth:`~SplitQueue.add_used_batch`
 with :class:`DescriptorChain` objects and ``(head, written)`` pairs, and
 :meth:`SplitQueue.pop_arrays` / :meth:`~SplitQueue.add_used_arrays` with numpy arrays
-(:class:`~trio_vhost.vring.batch.ChainBatch`), which does no Python work per simple chain.
+(:class:`~trio_vhost.vring.batch.ChainBatch`), which does no Python work per direct chain.
 
 Memory ordering (DESIGN.md §6, :mod:`trio_vhost.vring._fence`): loads are not reordered with
 loads and stores not with stores on x86-64 (TSO), and numpy copies are plain loads and stores
@@ -38,10 +40,10 @@ from numpy.typing import NDArray
 from ..errors import VirtqueueError
 from ..mem.table import MemoryTable
 from ._fence import fence
-from .batch import ChainBatch, RegionIndex
+from .batch import ChainBatch, RegionIndex, Segments
 from .chain import DescriptorChain, walk_chain
+from .follow import FOLLOW_MIN, desc_fields, follow_chains
 from .layout import (
-    DESC_DTYPE,
     USED_RING_OFFSET,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -94,13 +96,14 @@ class SplitQueue:
         "_avail_event",
         "_avail_ring",
         "_desc_bytes",
-        "_desc_rows",
+        "_desc_words",
         "_empty",
         "_event_idx",
         "_indirect",
         "_mask",
         "_next_avail",
         "_next_used",
+        "_no_segments",
         "_regions",
         "_signalled_used",
         "_size",
@@ -131,12 +134,16 @@ class SplitQueue:
         self._table: Final = table
         self._regions: Final = RegionIndex(table)
         self._empty: Final = ChainBatch.empty(table)
+        # the segments of a small batch walked whole (FOLLOW_MIN), by its size
+        self._no_segments: Final = [Segments.none(k) for k in range(FOLLOW_MIN)]
         self._state: Final = state
         self._size: Final = n
         self._mask: Final = n - 1
         self._event_idx: Final = bool(state.event_idx)
         self._indirect: Final = bool(state.indirect)
-        self._desc_rows: Final[NDArray[np.void]] = desc.view(DESC_DTYPE)
+        # descriptors as two little-endian words each (addr; len | flags << 32 | next << 48):
+        # numpy gathers plain arrays faster than DESC_DTYPE records (follow.desc_fields)
+        self._desc_words: Final[NDArray[np.uint64]] = desc.view("<u8").reshape(n, 2)
         self._desc_bytes: Final = desc.data
         # avail: le16 flags, le16 idx, le16 ring[N], le16 used_event
         self._avail: Final[NDArray[np.uint16]] = avail.view("<u2")
@@ -236,10 +243,11 @@ class SplitQueue:
         """Pop up to ``max_chains`` chains as a :class:`ChainBatch` of numpy arrays.
 
         One read of ``avail.idx``, the heads by contiguous slices, one gather of their head
-        descriptors, and one vectorised check of every buffer against the memory table. Only
-        chains that are not one direct in-region buffer (NEXT, INDIRECT, zero length, or a
-        buffer spanning two regions) are walked one by one, into
-        :attr:`ChainBatch.complex_chains`.
+        descriptors (and one per link for chained and indirect ones), and one vectorised
+        check of every buffer against the memory table. Only odd chains (a zero-length or
+        region-spanning buffer, a broken chain) and the chained ones of a batch of fewer
+        than :data:`~trio_vhost.vring.follow.FOLLOW_MIN` are walked one by one, into
+        :attr:`ChainBatch.walked`.
 
         Raises:
             VirtqueueError: as :meth:`pop_batch`; nothing is returned and :attr:`next_avail`
@@ -268,48 +276,42 @@ class SplitQueue:
     def _batch_of(self, heads: NDArray[np.uint16]) -> ChainBatch:
         n = len(heads)
         try:
-            rows = self._desc_rows.take(heads)  # the copy that is checked and used
+            rows = self._desc_words.take(heads, axis=0)  # the copy that is checked and used
         except IndexError:
             bad = int(heads[heads >= self._size][0])
             raise VirtqueueError(f"available ring head {bad} >= queue size {self._size}") from None
-        flags: NDArray[np.uint16] = rows["flags"]
-        addr: NDArray[np.uint64] = rows["addr"]
-        length: NDArray[np.uint32] = rows["len"]
-        ok, region, offset = self._regions.locate(addr, length)
+        addr, length, flags, _ = desc_fields(rows)
         slow = flags & _SLOW0
         # count_nonzero is the cheapest reduction numpy has for small arrays
-        if np.count_nonzero(ok) == n and not np.count_nonzero(slow):
-            batch = ChainBatch(self._table, heads, addr, length, flags, offset, region)
-        else:
-            simple = ok & (slow == 0)
-            batch = self._slow_batch(heads, addr, length, flags, offset, region, simple)
-        return batch
+        chained = np.count_nonzero(slow)
+        if not chained or n < FOLLOW_MIN:
+            ok, region, offset = self._regions.locate(addr, length)
+            if not chained and np.count_nonzero(ok) == n:
+                return ChainBatch.of_simple(self._table, heads, addr, length, flags, offset, region)
+            if n < FOLLOW_MIN:  # too few to pay for following: walk all but the simple ones
+                simple = ok & ~slow.astype(np.bool_)
+                if not np.count_nonzero(simple):
+                    return self._walked_batch(heads, ~simple, self._no_segments[n])
+                segments = Segments.of_simple(simple, addr, length, flags, offset, region)
+                return self._walked_batch(heads, ~simple, segments)
+        segments, walk = follow_chains(
+            self._table, self._desc_words, self._regions, rows, indirect=self._indirect
+        )
+        if not np.count_nonzero(walk):
+            return ChainBatch(self._table, heads, segments)
+        return self._walked_batch(heads, walk, segments)
 
-    def _slow_batch(
-        self,
-        heads: NDArray[np.uint16],
-        addr: NDArray[np.uint64],
-        length: NDArray[np.uint32],
-        flags: NDArray[np.uint16],
-        offset: NDArray[np.uint64],
-        region: NDArray[np.intp] | None,
-        simple: NDArray[np.bool_],
+    def _walked_batch(
+        self, heads: NDArray[np.uint16], walk: NDArray[np.bool_], segments: Segments
     ) -> ChainBatch:
-        """Walk the chains that are not simple; raises before anything is returned."""
-        positions = np.flatnonzero(~simple)
-        walk = self._walk
-        found = {
-            pos: walk(h)
+        """Walk the chains marked in ``walk``, in batch order; the first broken one raises."""
+        positions = np.flatnonzero(walk)
+        walk_one = self._walk
+        walked = {
+            pos: walk_one(h)
             for pos, h in zip(positions.tolist(), heads[positions].tolist(), strict=True)
         }
-        # The walks made their own copies: the row copy of these heads means nothing now.
-        addr[positions] = 0
-        length[positions] = 0
-        flags[positions] = 0
-        offset[positions] = 0
-        if region is not None:
-            region[positions] = -1
-        return ChainBatch(self._table, heads, addr, length, flags, offset, region, found, simple)
+        return ChainBatch(self._table, heads, segments, walked)
 
     def pop_batch(self, max_chains: int) -> list[DescriptorChain]:
         """Pop up to ``max_chains`` chains with one read of ``avail.idx``.
