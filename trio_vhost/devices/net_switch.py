@@ -1,41 +1,61 @@
 """An L2 learning switch between ports, independent of how a port moves its frames.
 
 A port is anything with a ``name`` and a synchronous ``deliver(frame) -> bool``
-(:class:`SwitchPort`): a vhost-user virtio-net connection, a TAP device, a test double.
-:meth:`Switch.forward` runs in the task that received the frame (a TX vring worker, a TAP
-reader) and hands the frame to the destination ports right away. It never blocks and never
-awaits: a port with no room says so by returning ``False`` and the switch counts a drop, so a
-guest that posts no RX buffers cannot stall the traffic of the others.
+(:class:`SwitchPort`): a vhost-user virtio-net connection, a TAP device, a test double. A
+port that can take a whole batch also has ``deliver_frames(frames) -> (count, bytes)``
+(:class:`FramePort`); the switch hands such a port its share of a batch in one call.
 
-Frames are ``bytes``: immutable, so one object can be delivered to every port of a flood and
-sit in several backlogs without a copy. A frame carries no virtio-net header; the virtio
-adapter strips it on TX and prepends it on RX.
+:meth:`Switch.forward` (one frame) and :meth:`Switch.forward_frames` (a batch, the virtio
+fast path) run in the task that received the frames (a TX vring worker, a TAP reader) and
+hand them to the destination ports right away. They never block and never await: a port
+with no room says so and the switch counts a drop, so a guest that posts no RX buffers
+cannot stall the traffic of the others.
 
-:class:`PortQueue` is the bounded RX backlog a virtio port needs because a receive ring is
-owned by its own worker task: ``deliver`` only appends, and the RX worker drains the backlog
-into the buffers the guest posts. :class:`MultiQueuePort` spreads one port over several
-queue pairs (virtio-net MQ) and steers each frame to the RX queue of the pair the flow was
-last transmitted on (the spec's "automatic receive steering").
+Frames are immutable (``bytes``, or :class:`~trio_vhost.devices.net_frames.Frames` for a
+batch): one object can be delivered to every port of a flood and sit in several backlogs
+without a copy. A frame carries no virtio-net header; the virtio adapter strips it on TX and
+prepends it on RX.
+
+A batch is switched with a handful of numpy operations and Python work per *distinct*
+address, not per frame: the MAC keys of all frames come from one gather, sources are learned
+once each, destinations looked up once each, and the frames for one destination leave as one
+subset. The outcome (deliveries, drops, every counter) is the one :meth:`Switch.forward`
+would give frame by frame (a model test checks it), with two exceptions: frames for
+different ports may be delivered in another order (each port still gets its own in order),
+and a port attached from inside a delivery gets frames from the next batch on (a detached
+one gets nothing more at once, as with single frames). A batch whose frames would teach
+each other, or that would fill the MAC table, is switched frame by frame.
+
+The RX backlogs of virtio ports (:class:`PortQueue`, :class:`MultiQueuePort`) live in
+:mod:`trio_vhost.devices.net_backlog`, the port protocols and the statistics records in
+:mod:`trio_vhost.devices.net_port`; all are re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Final, Protocol, final
+from collections.abc import Callable
+from typing import Final, final
 
-import trio
+import numpy as np
 
+from .net_backlog import DEFAULT_BACKLOG as DEFAULT_BACKLOG
+from .net_backlog import MultiQueuePort as MultiQueuePort
+from .net_backlog import PortQueue as PortQueue
+from .net_backlog import QueueStatistics as QueueStatistics
+from .net_frames import Frames, mac_key
+from .net_port import FramePort as FramePort
+from .net_port import PortStatistics as PortStatistics
+from .net_port import SwitchPort as SwitchPort
+from .net_port import SwitchStatistics as SwitchStatistics
 from .net_spec import ETH_ADDR_LEN, ETH_HEADER_LEN
 
 __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_MAX_AGE",
     "DEFAULT_MAX_MACS",
+    "FramePort",
     "MultiQueuePort",
     "PortQueue",
     "PortStatistics",
@@ -51,90 +71,8 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_MAX_AGE: Final = 300.0
 #: Most MAC addresses the table holds; beyond it unknown sources are not learned (flooded).
 DEFAULT_MAX_MACS: Final = 4096
-#: Frames a :class:`PortQueue` holds before it drops.
-DEFAULT_BACKLOG: Final = 256
 #: A full table is swept for aged entries at most this often (seconds of the switch clock).
 _SWEEP_INTERVAL: Final = 1.0
-#: Remote MACs a :class:`MultiQueuePort` remembers for RX steering before it starts afresh.
-_MAX_FLOWS: Final = 1024
-_ZERO_MAC: Final = bytes(ETH_ADDR_LEN)
-
-
-class SwitchPort(Protocol):
-    """What the switch needs of a port."""
-
-    @property
-    def name(self) -> str:
-        """A name for statistics and logs."""
-        ...
-
-    def deliver(self, frame: bytes) -> bool:
-        """Take one frame for sending out of this port, without blocking.
-
-        Must not raise: a port that cannot take the frame (no room, link down, closed)
-        returns ``False`` and the switch counts the drop.
-
-        Returns:
-            Whether the port accepted the frame.
-        """
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class PortStatistics:
-    """Counters of one switch port, seen from the switch.
-
-    ``rx_*`` count frames the switch received from the port (the port's transmissions);
-    ``tx_*`` count frames the switch handed to the port.
-    """
-
-    name: str
-    #: Frames received from the port, including those dropped below.
-    rx_frames: int
-    rx_bytes: int
-    #: Frames shorter than an Ethernet header (14 bytes), dropped.
-    rx_runts: int
-    #: Frames with a multicast or all-zero source MAC, dropped (as a bridge does).
-    rx_invalid_source: int
-    #: Unicast frames for a MAC learned on the same port, not sent back (no echo).
-    rx_filtered: int
-    #: Frames the port accepted.
-    tx_frames: int
-    tx_bytes: int
-    #: Frames the port refused (``deliver`` returned False: no buffers, link down).
-    tx_dropped: int
-
-
-@dataclass(frozen=True, slots=True)
-class SwitchStatistics:
-    """A snapshot of the switch: per-port counters and the MAC table."""
-
-    ports: tuple[PortStatistics, ...]
-    #: MAC addresses currently learned and not aged out.
-    mac_table_size: int
-    #: New MAC addresses learned.
-    learned: int
-    #: Known MAC addresses seen on a different port than before.
-    moved: int
-    #: MAC addresses forgotten because no frame came from them for ``max_age`` seconds.
-    aged_out: int
-    #: New source MACs not learned because the table was full.
-    table_full: int
-    #: Frames flooded (broadcast, multicast or unknown unicast destination).
-    flooded: int
-    #: Frames from a port that is not (or no longer) attached, dropped.
-    unknown_source: int
-
-    def port(self, name: str) -> PortStatistics:
-        """Return the counters of the first port called ``name``.
-
-        Raises:
-            KeyError: no such port.
-        """
-        for stats in self.ports:
-            if stats.name == name:
-                return stats
-        raise KeyError(name)
 
 
 @final
@@ -144,6 +82,7 @@ class _Member:
     __slots__ = (
         "active",
         "deliver",
+        "deliver_frames",
         "port",
         "rx_bytes",
         "rx_filtered",
@@ -158,6 +97,10 @@ class _Member:
     def __init__(self, port: SwitchPort) -> None:
         self.port = port
         self.deliver = port.deliver  # bound once: saves an attribute lookup per frame
+        #: the port's batch delivery, or None: then the switch delivers frame by frame
+        self.deliver_frames: Callable[[Frames], tuple[int, int]] | None = getattr(
+            port, "deliver_frames", None
+        )
         self.active = True
         self.rx_frames = self.rx_bytes = self.rx_runts = 0
         self.rx_invalid_source = self.rx_filtered = 0
@@ -236,7 +179,8 @@ class Switch:
         self._ports: dict[int, _Member] = {}
         #: the flood list, rebuilt on attach/detach so forwarding never allocates one
         self._members: tuple[_Member, ...] = ()
-        self._table: dict[bytes, _MacEntry] = {}
+        #: MAC key (net_frames.mac_key) -> where it was learned and when last seen
+        self._table: dict[int, _MacEntry] = {}
         self._last_sweep = float("-inf")
         self._learned = self._moved = self._aged_out = self._table_full = 0
         self._flooded = self._unknown_source = 0
@@ -300,13 +244,15 @@ class Switch:
         if size < ETH_HEADER_LEN:
             src.rx_runts += 1
             return
-        now = self._clock()
-        table = self._table
-        source = frame[6:12]
-        entry = table.get(source)
+        self._forward_one(src, frame, self._clock())
+
+    def _forward_one(self, src: _Member, frame: bytes, now: float) -> None:
+        """Learn from, and deliver, one frame of at least an Ethernet header."""
+        source = int.from_bytes(frame[6:12], "little")
+        entry = self._table.get(source)
         if entry is None:
             # only valid sources are ever learned: check validity here, off the hot path
-            if frame[6] & 1 or source == _ZERO_MAC:
+            if source & 1 or not source:
                 src.rx_invalid_source += 1
                 return
             self._learn(source, src, now)
@@ -315,23 +261,17 @@ class Switch:
                 entry.member = src
                 self._moved += 1
             entry.seen = now
-        if not frame[0] & 1:
-            entry = table.get(frame[:6])
-            if entry is not None:
-                if now - entry.seen <= self._max_age:
-                    dst = entry.member
-                    if dst is src:
-                        src.rx_filtered += 1
-                    elif dst.deliver(frame):
-                        dst.tx_frames += 1
-                        dst.tx_bytes += size
-                    else:
-                        dst.tx_dropped += 1
-                    return
-                del table[frame[:6]]
-                self._aged_out += 1
-        self._flooded += 1
-        for dst in self._members:
+        dst = self._route(int.from_bytes(frame[:6], "little"), now)
+        if dst is src:
+            src.rx_filtered += 1
+            return
+        if dst is not None:
+            targets: tuple[_Member, ...] = (dst,)
+        else:
+            self._flooded += 1
+            targets = self._members
+        size = len(frame)
+        for dst in targets:
             if dst is src or not dst.active:
                 continue
             if dst.deliver(frame):
@@ -340,13 +280,159 @@ class Switch:
             else:
                 dst.tx_dropped += 1
 
-    def _learn(self, mac: bytes, member: _Member, now: float) -> None:
+    def _route(self, key: int, now: float) -> _Member | None:
+        """Return the member ``key`` is learned on, or None to flood (group, unknown, aged)."""
+        if key & 1:
+            return None
+        entry = self._table.get(key)
+        if entry is None:
+            return None
+        if now - entry.seen <= self._max_age:
+            return entry.member
+        del self._table[key]
+        self._aged_out += 1
+        return None
+
+    def forward_frames(self, src_port: SwitchPort, frames: Frames) -> None:
+        """Switch a batch of frames received from ``src_port``, in order.
+
+        The batch twin of :meth:`forward`, with the same outcome (see the module
+        docstring); not a checkpoint.
+        """
+        src = self._ports.get(id(src_port))
+        count = frames.count
+        if src is None:
+            self._unknown_source += count
+            return
+        if not count:
+            return
+        src.rx_frames += count
+        src.rx_bytes += frames.total
+        if frames.shortest < ETH_HEADER_LEN:
+            whole = frames.length >= ETH_HEADER_LEN
+            kept = int(np.count_nonzero(whole))
+            src.rx_runts += count - kept
+            if not kept:
+                return
+            frames = frames.subset(whole)
+        now = self._clock()
+        common = frames.common_addresses()
+        if common is not None:  # the usual batch: one flow
+            dst, source = common
+            if source & 1 or not source:
+                src.rx_invalid_source += frames.count
+            elif self._learn_batch(src, [source], [frames.count], [dst], now):
+                self._forward_each(src, frames, now)
+            else:
+                self._send(src, self._route(dst, now), frames)
+            return
+        self._forward_mixed(src, frames, now)
+
+    def _forward_mixed(self, src: _Member, frames: Frames, now: float) -> None:
+        """:meth:`forward_frames` for a batch of several flows (addresses as arrays)."""
+        dst, source = frames.macs()
+        valid = ((source & 1) == 0) & (source != 0)
+        kept = int(np.count_nonzero(valid))
+        if kept < frames.count:
+            src.rx_invalid_source += frames.count - kept
+            if not kept:
+                return
+            frames = frames.subset(valid)
+            dst, source = frames.macs()
+        keys, first, counts = np.unique(source, return_index=True, return_counts=True)
+        order = np.argsort(first)  # learn in the order the frames taught, as one by one
+        targets: list[int] = np.unique(dst).tolist()
+        if self._learn_batch(src, keys[order].tolist(), counts[order].tolist(), targets, now):
+            self._forward_each(src, frames, now)
+            return
+        routes = [self._route(key, now) for key in targets]
+        where = np.searchsorted(targets, dst)  # targets is sorted (np.unique)
+        flood = np.array([route is None for route in routes], dtype=np.bool_)[where]
+        flooded = int(np.count_nonzero(flood))
+        self._flooded += flooded
+        if src in routes:
+            echo = np.array([route is src for route in routes], dtype=np.bool_)[where]
+            src.rx_filtered += int(np.count_nonzero(echo))
+        # One subset per destination port, in frame order: a port may get some frames of
+        # the batch by unicast and others by flooding.
+        for member in dict.fromkeys([*self._members, *routes]):
+            if member is None or member is src:
+                continue
+            mine = np.array([route is member for route in routes], dtype=np.bool_)[where]
+            if flooded:
+                mine |= flood
+            if mine.any():
+                self._deliver(member, frames.subset(mine))
+
+    def _forward_each(self, src: _Member, frames: Frames, now: float) -> None:
+        for index in range(frames.count):
+            self._forward_one(src, frames.frame(index), now)
+
+    def _learn_batch(
+        self, src: _Member, sources: list[int], counts: list[int], dsts: list[int], now: float
+    ) -> bool:
+        """Learn the (valid) ``sources`` of a batch from ``src`` (``counts`` frames each).
+
+        Frame by frame, a frame is switched with what the frames before it taught; at
+        once, with what the whole batch taught. The two differ only when a frame goes to
+        an address that the batch itself learns anew, moves, or revives from aged out, and
+        when the table fills up (a sweep for room would see the table in another state).
+        Returns True, having learned nothing, in those cases: the caller then switches the
+        batch frame by frame.
+        """
+        table, horizon = self._table, now - self._max_age
+        news = [
+            key
+            for key in sources
+            if (e := table.get(key)) is None or e.member is not src or e.seen < horizon
+        ]
+        if news and (len(table) + len(news) > self._max_macs or not set(news).isdisjoint(dsts)):
+            return True
+        for key, count in zip(sources, counts, strict=True):
+            entry = table.get(key)
+            if entry is None:
+                self._learn(key, src, now, count)
+                continue
+            if entry.member is not src:
+                entry.member = src
+                self._moved += 1
+            entry.seen = now
+        return False
+
+    def _send(self, src: _Member, target: _Member | None, frames: Frames) -> None:
+        """Deliver ``frames`` to ``target``; None floods them to every port but ``src``."""
+        if target is src:
+            src.rx_filtered += frames.count
+            return
+        if target is not None:
+            self._deliver(target, frames)
+            return
+        self._flooded += frames.count
+        for member in self._members:
+            if member is not src:
+                self._deliver(member, frames)
+
+    @staticmethod
+    def _deliver(member: _Member, frames: Frames) -> None:
+        """Hand ``frames`` to one port (in one call when it takes batches) and count."""
+        if not member.active:  # detached by a delivery earlier in this batch
+            return
+        if member.deliver_frames is not None:
+            got, got_bytes = member.deliver_frames(frames)
+        else:
+            got, got_bytes = _deliver_each(member, frames)
+        member.tx_frames += got
+        member.tx_bytes += got_bytes
+        member.tx_dropped += frames.count - got
+
+    def _learn(self, mac: int, member: _Member, now: float, frames: int = 1) -> None:
+        """Learn ``mac`` on ``member``; if the table is full, count ``frames`` refusals."""
         table = self._table
         if len(table) >= self._max_macs:
             if now - self._last_sweep >= _SWEEP_INTERVAL:
                 self._sweep(now)
             if len(table) >= self._max_macs:
-                self._table_full += 1
+                self._table_full += frames
                 return
         table[mac] = _MacEntry(member, now)
         self._learned += 1
@@ -364,7 +450,9 @@ class Switch:
 
     def lookup(self, mac: bytes) -> SwitchPort | None:
         """Return the port ``mac`` is learned on, or None if unknown or aged out."""
-        entry = self._table.get(bytes(mac))
+        if len(mac) != ETH_ADDR_LEN:
+            return None
+        entry = self._table.get(mac_key(mac))
         if entry is None or self._clock() - entry.seen > self._max_age:
             return None
         return entry.member.port
@@ -392,236 +480,14 @@ class Switch:
         )
 
 
-# -- RX backlogs ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStatistics:
-    """Counters of one :class:`PortQueue`."""
-
-    name: str
-    enabled: bool
-    #: Frames waiting now.
-    queued: int
-    capacity: int
-    #: Frames accepted since creation.
-    accepted: int
-    #: Frames refused because the backlog was full.
-    dropped_full: int
-    #: Frames refused, or thrown away from the backlog, because the queue was disabled.
-    dropped_disabled: int
-
-
-@final
-class PortQueue:
-    """A bounded RX backlog: a :class:`SwitchPort` that stores frames for a consumer task.
-
-    ``deliver`` appends and never blocks; once ``capacity`` frames wait, further frames are
-    refused (and the switch counts them). The consumer, typically the worker of one RX
-    vring, takes frames with :meth:`peek_nowait` / :meth:`get_nowait` as the guest posts
-    buffers, and sleeps in :meth:`wait_frames` (or is woken by ``on_ready``) when the
-    backlog is empty.
-
-    Args:
-        name: the port name for statistics.
-        capacity: most frames held.
-        enabled: whether the queue accepts frames from the start. A disabled queue refuses
-            every frame, like a started-but-disabled RX ring that must deliver nothing.
-        on_ready: called (synchronously, from ``deliver``) when the backlog goes from empty
-            to non-empty; must not block or raise.
-    """
-
-    __slots__ = (
-        "_accepted",
-        "_capacity",
-        "_dropped_disabled",
-        "_dropped_full",
-        "_enabled",
-        "_frames",
-        "_lot",
-        "_name",
-        "_on_ready",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        capacity: int = DEFAULT_BACKLOG,
-        *,
-        enabled: bool = True,
-        on_ready: Callable[[], object] | None = None,
-    ) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        self._name = name
-        self._capacity = capacity
-        self._enabled = enabled
-        self._on_ready = on_ready
-        self._frames: deque[bytes] = deque()
-        self._lot = trio.lowlevel.ParkingLot()
-        self._accepted = self._dropped_full = self._dropped_disabled = 0
-
-    @property
-    def name(self) -> str:
-        """The port name."""
-        return self._name
-
-    @property
-    def enabled(self) -> bool:
-        """Whether the queue accepts frames."""
-        return self._enabled
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Enable or disable the queue; disabling throws the backlog away (and counts it)."""
-        self._enabled = enabled
-        if not enabled:
-            self._dropped_disabled += len(self._frames)
-            self._frames.clear()
-
-    def deliver(self, frame: bytes) -> bool:
-        """Append ``frame`` unless the queue is disabled or full (not a checkpoint)."""
-        frames = self._frames
-        if not self._enabled:
-            self._dropped_disabled += 1
-            return False
-        if len(frames) >= self._capacity:
-            self._dropped_full += 1
-            return False
-        frames.append(frame)
-        self._accepted += 1
-        if len(frames) == 1:
-            if self._lot:
-                self._lot.unpark_all()
-            if self._on_ready is not None:
-                self._on_ready()
-        return True
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def peek_nowait(self) -> bytes:
-        """Return the oldest frame without taking it.
-
-        Raises:
-            trio.WouldBlock: the backlog is empty.
-        """
-        if not self._frames:
-            raise trio.WouldBlock
-        return self._frames[0]
-
-    def get_nowait(self) -> bytes:
-        """Take the oldest frame.
-
-        Raises:
-            trio.WouldBlock: the backlog is empty.
-        """
-        if not self._frames:
-            raise trio.WouldBlock
-        return self._frames.popleft()
-
-    def clear(self) -> int:
-        """Throw the backlog away (not counted as a drop); return how many frames it held."""
-        count = len(self._frames)
-        self._frames.clear()
-        return count
-
-    async def wait_frames(self) -> None:
-        """Wait until at least one frame is queued.
-
-        Always a checkpoint. Cancellation leaves the queue unchanged.
-        """
-        if self._frames:
-            await trio.lowlevel.checkpoint()
-            return
-        await self._lot.park()
-
-    def statistics(self) -> QueueStatistics:
-        """Return a snapshot of the counters."""
-        return QueueStatistics(
-            name=self._name,
-            enabled=self._enabled,
-            queued=len(self._frames),
-            capacity=self._capacity,
-            accepted=self._accepted,
-            dropped_full=self._dropped_full,
-            dropped_disabled=self._dropped_disabled,
-        )
-
-
-@final
-class MultiQueuePort:
-    """One switch port over several RX queues (virtio-net MQ), one :class:`PortQueue` each.
-
-    The TX side calls :meth:`note_tx` for every frame it sends (then ``switch.forward``);
-    ``deliver`` then steers frames from that destination to the same pair's RX queue, and
-    frames of flows never transmitted to a queue chosen by a hash of the source MAC, among
-    the enabled queues. With no queue enabled, every frame is refused.
-
-    All queues start disabled: enable a pair's queue once its RX ring is started and enabled
-    (and disable it when the ring stops or is disabled).
-
-    Args:
-        name: the port name.
-        pairs: number of queue pairs.
-        backlog: capacity of each RX queue.
-        on_ready: called with the pair number when that pair's backlog becomes non-empty.
-    """
-
-    __slots__ = ("_enabled", "_flows", "_name", "dropped_no_queue", "queues")
-
-    def __init__(
-        self,
-        name: str,
-        pairs: int,
-        *,
-        backlog: int = DEFAULT_BACKLOG,
-        on_ready: Callable[[int], object] | None = None,
-    ) -> None:
-        if pairs < 1:
-            raise ValueError("pairs must be at least 1")
-        self._name = name
-        #: the RX queue of each pair, in pair order
-        self.queues: tuple[PortQueue, ...] = tuple(
-            PortQueue(
-                f"{name}/rx{pair}",
-                backlog,
-                enabled=False,
-                on_ready=None if on_ready is None else functools.partial(on_ready, pair),
-            )
-            for pair in range(pairs)
-        )
-        self._enabled: Sequence[PortQueue] = ()
-        self._flows: dict[bytes, PortQueue] = {}
-        #: frames refused because no RX queue was enabled
-        self.dropped_no_queue = 0
-
-    @property
-    def name(self) -> str:
-        """The port name."""
-        return self._name
-
-    def set_enabled(self, pair: int, enabled: bool) -> None:
-        """Enable or disable the RX queue of ``pair`` (see :meth:`PortQueue.set_enabled`)."""
-        self.queues[pair].set_enabled(enabled)
-        self._enabled = tuple(queue for queue in self.queues if queue.enabled)
-
-    def note_tx(self, pair: int, frame: bytes) -> None:
-        """Remember that the flow to ``frame``'s destination is sent on ``pair``."""
-        if frame[0] & 1 or len(frame) < ETH_HEADER_LEN:
-            return  # multicast or runt: no flow to steer
-        flows = self._flows
-        if len(flows) >= _MAX_FLOWS:
-            flows.clear()  # only a steering hint: start afresh rather than grow
-        flows[frame[:6]] = self.queues[pair]
-
-    def deliver(self, frame: bytes) -> bool:
-        """Queue ``frame`` on the RX queue its flow steers to (not a checkpoint)."""
-        enabled = self._enabled
-        if not enabled:
-            self.dropped_no_queue += 1
-            return False
-        source = frame[6:12]
-        queue = self._flows.get(source)
-        if queue is None or not queue.enabled:
-            queue = enabled[hash(source) % len(enabled)]
-        return queue.deliver(frame)
+def _deliver_each(member: _Member, frames: Frames) -> tuple[int, int]:
+    """Deliver a batch frame by frame to a port without ``deliver_frames``."""
+    got = got_bytes = 0
+    data, deliver = frames.data, member.deliver
+    for begin, size in zip(frames.start.tolist(), frames.length.tolist(), strict=True):
+        if not member.active:
+            break  # a detached port gets nothing more, not even the rest of the batch
+        if deliver(data[begin : begin + size]):
+            got += 1
+            got_bytes += size
+    return got, got_bytes

@@ -9,6 +9,12 @@ tap``) survives us.
 The kernel's side of the TAP never pushes back: a write either queues the frame or the kernel
 drops it, and it fails with EIO while the link is down. So :meth:`TapDevice.deliver` never
 blocks, and returns False on any write error.
+
+Frames move in batches both ways, like the virtio ports': :meth:`TapDevice.run` reads up to a
+batch of frames back to back into one buffer and hands them to the switch as one
+:class:`~trio_vhost.devices.net_frames.Frames`; :meth:`TapDevice.deliver_frames` writes a
+batch straight from the switch's buffer (one ``write`` per frame: a TAP takes one frame per
+write), without copying a frame out first.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Final, final
 
+import numpy as np
 import trio
 
 from .._fd import OwnedFd
 from ..errors import DeviceError
+from .net_frames import Frames
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -54,6 +62,9 @@ _IFREQ: Final = struct.Struct("16sH22x")
 _READ_SIZE: Final = 65600
 #: Frames read per wakeup before yielding to other tasks.
 _BATCH: Final = 64
+#: The read buffer: room for a whole batch of frames up to 2 KiB (a 1500-byte MTU), and
+#: always for one more of the largest size; a batch also ends when less than that is left.
+_BUFFER_SIZE: Final = _READ_SIZE + (_BATCH - 1) * 2048
 
 
 class _Batch(enum.Enum):
@@ -207,6 +218,26 @@ class TapDevice:
         """
         if self._fd.closed:
             return False
+        return self._write(frame)
+
+    def deliver_frames(self, frames: Frames) -> tuple[int, int]:
+        """Send a batch of frames to the host, in order (not a checkpoint, never blocks).
+
+        Returns:
+            The frames and bytes written; a frame whose write fails is dropped alone (see
+            :meth:`deliver`).
+        """
+        view = memoryview(frames.data)
+        sent = sent_bytes = 0
+        for begin, size in zip(frames.start.tolist(), frames.length.tolist(), strict=True):
+            if self._fd.closed:
+                break
+            if self._write(view[begin : begin + size]):
+                sent += 1
+                sent_bytes += size
+        return sent, sent_bytes
+
+    def _write(self, frame: bytes | memoryview) -> bool:
         try:
             os.write(self._fd.fd, frame)
         except OSError as exc:
@@ -239,10 +270,9 @@ class TapDevice:
         self._running = True
         try:
             await trio.lowlevel.checkpoint()
-            buffer = bytearray(_READ_SIZE)
-            view = memoryview(buffer)
+            view = memoryview(bytearray(_BUFFER_SIZE))
             while True:
-                state = self._read_batch(switch, buffer, view)
+                state = self._read_batch(switch, view)
                 if state is _Batch.CLOSED:
                     return
                 if state is _Batch.FULL:
@@ -255,17 +285,29 @@ class TapDevice:
         finally:
             self._running = False
 
-    def _read_batch(self, switch: Switch, buffer: bytearray, view: memoryview) -> _Batch:
+    def _read_batch(self, switch: Switch, view: memoryview) -> _Batch:
         """Forward up to a batch of frames; say whether more may wait or the fd is closed."""
-        for _ in range(_BATCH):
-            if self._fd.closed:  # closed before the run, or by a deliver() of this batch
-                return _Batch.CLOSED
+        sizes: list[int] = []
+        end = 0
+        state = _Batch.FULL
+        while len(sizes) < _BATCH and len(view) - end >= _READ_SIZE:
+            if self._fd.closed:  # closed before the run, or by a deliver() of the last batch
+                state = _Batch.CLOSED
+                break
             try:
-                size = os.readv(self._fd.fd, (buffer,))
+                size = os.readv(self._fd.fd, (view[end : end + _READ_SIZE],))
             except BlockingIOError:
-                return _Batch.DRAINED
-            switch.forward(self, bytes(view[:size]))
-        return _Batch.FULL
+                state = _Batch.DRAINED
+                break
+            sizes.append(size)
+            end += size
+        if sizes:
+            # one copy of the whole batch: the switch may keep it (RX backlogs)
+            lengths = np.array(sizes, dtype=np.intp)
+            switch.forward_frames(self, Frames.concatenated(bytes(view[:end]), lengths))
+            if self._fd.closed:  # closed by a deliver() of this batch
+                return _Batch.CLOSED
+        return state
 
     def set_link_up(self, up: bool = True) -> None:
         """Set the interface administratively up (or down), like ``ip link set IFNAME up``.

@@ -22,11 +22,13 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
 
 from trio_vhost.devices import tap as tap_module
+from trio_vhost.devices.net_frames import Frames
 from trio_vhost.devices.net_switch import PortQueue, Switch
 from trio_vhost.devices.tap import TapDevice, TapError, TapFailure, open_tap
 from trio_vhost.errors import DeviceError
@@ -133,6 +135,39 @@ async def test_switch_frames_reach_the_host(tap: TapDevice, host: socket.socket)
                 break
     assert data == sent
     assert switch.statistics().port(tap.name).tx_frames == 1
+
+
+async def test_a_batch_from_the_switch_reaches_the_host(
+    tap: TapDevice, host: socket.socket
+) -> None:
+    switch = Switch()
+    guest = PortQueue("guest")
+    switch.add_port(tap)
+    switch.add_port(guest)
+    sent = [BROADCAST + GUEST_MAC + ETHERTYPE + b"batch-%d" % n + bytes(n) for n in range(5)]
+    lengths = np.array([len(f) for f in sent], dtype=np.intp)
+    receiver = trio.socket.from_stdlib_socket(host)
+    with trio.fail_after(10):
+        switch.forward_frames(guest, Frames.concatenated(b"".join(sent), lengths))
+        got: list[bytes] = []
+        while len(got) < len(sent):
+            data = await receiver.recv(65536)
+            if ours(data, b"batch-"):
+                got.append(data)
+    assert got == sent
+    stats = switch.statistics().port(tap.name)
+    assert (stats.tx_frames, stats.tx_bytes) == (5, sum(map(len, sent)))
+
+
+def test_a_batch_to_a_closed_tap_is_dropped(tap: TapDevice) -> None:
+    switch = Switch()
+    guest = PortQueue("guest")
+    switch.add_port(tap)
+    switch.add_port(guest)
+    tap.close()
+    one = BROADCAST + GUEST_MAC + ETHERTYPE + bytes(50)
+    switch.forward_frames(guest, Frames.concatenated(one * 3, np.full(3, len(one))))
+    assert switch.statistics().port(tap.name).tx_dropped == 3
 
 
 async def test_a_burst_larger_than_one_batch_arrives_whole(
