@@ -224,6 +224,10 @@ class Device:
     #: Set to have the worker call :meth:`process_arrays` with whole-batch numpy arrays
     #: instead of :meth:`process_batch` with one object per chain (synchronous devices).
     uses_arrays: ClassVar[bool] = False
+    #: The most chains a worker pops at once (capped at the ring size); None: a quarter
+    #: of the ring, at most 256. A device whose per-batch cost dominates (a net switch
+    #: copying small frames) takes whole rings.
+    max_batch: ClassVar[int | None] = None
 
     def process_arrays(self, queue: QueueContext, batch: ChainBatch) -> int | NDArray[np.uint32]:
         """Process a whole batch given as arrays; return the used lengths.

@@ -119,7 +119,10 @@ async def run_vring(
             # Inside the try: whatever the device raises here, ``stopped`` must be set, or
             # the control task would wait for it forever (in a shielded scope at teardown).
             device.queue_started(slot.index, handle.nudge)
-            limit = batch_limit(queue.size) if max_batch is None else max_batch
+            if max_batch is None:
+                wanted = device.max_batch
+                max_batch = batch_limit(queue.size) if wanted is None else wanted
+            limit = max(1, min(max_batch, queue.size))
             if handle.inflight is not None:
                 await _resubmit(slot, queue, device, handle, context, limit)
             await _drain(slot, queue, device, handle, context, limit)

@@ -87,6 +87,9 @@ class NetPort(Device):
     )
     device_protocol_features: ClassVar[ProtocolFeature] = ProtocolFeature.MQ
     uses_arrays: ClassVar[bool] = True
+    #: Whole rings per batch: per-batch costs (pop, publish, a wake) are most of a 64-byte
+    #: frame's price (measured 1.5 -> 0.9 us/frame at 256 vs 64).
+    max_batch: ClassVar[int | None] = 256
 
     def __init__(
         self,
