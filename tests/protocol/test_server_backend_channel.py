@@ -11,7 +11,6 @@ import pytest
 import trio
 import trio.testing
 from _raw_frontend import RawFrontend, fail_after, negotiate, settle
-from conftest import IMAGE_SIZE
 
 from trio_vhost.backend_channel import FrontendLink
 from trio_vhost.devices.blk import BlkDevice
@@ -24,6 +23,11 @@ from trio_vhost.proto.frontend_codec import BackendRequest
 async def capacity(frontend: Frontend) -> int:
     """The blk config's first field: le64 capacity in sectors."""
     return int.from_bytes(await frontend.get_config(0, 8), "little")
+
+
+#: The size of the protocol tests' blk image (tests/protocol/conftest.py), read here rather
+#: than imported: tests/lifecycle has a conftest module of the same name.
+IMAGE_SIZE = 8 << 20
 
 
 def link_of(blk: BlkDevice) -> FrontendLink:
