@@ -21,7 +21,6 @@ be awaited by the session's control task; devices send from their own tasks.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, final
@@ -33,7 +32,6 @@ from .errors import ConnectionClosed, RemoteProtocolError, VhostUserError
 from .proto.constants import BackendReq, ProtocolFeature
 from .proto.messages import U64
 from .proto.rules import BACKEND_RULES
-from .proto.wire import Header
 
 if TYPE_CHECKING:
     from ._fd import OwnedFd
@@ -82,12 +80,12 @@ class BackendChannel:
         Raises:
             RemoteProtocolError: the fd is not a unix stream socket.
         """
-        raw = fd.detach()
         try:
-            sock = socket.socket(fileno=raw)
+            sock = socket.socket(fileno=fd.fd)
         except OSError as exc:
-            _close_quietly(raw)
+            fd.close()
             raise RemoteProtocolError(f"SET_BACKEND_REQ_FD fd is not a socket: {exc}") from exc
+        fd.detach()  # the socket owns it now
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             raise RemoteProtocolError("SET_BACKEND_REQ_FD fd is not a unix stream socket")
@@ -149,10 +147,8 @@ class BackendChannel:
         return reply
 
     async def _receive_reply(self, code: BackendReq) -> Body | None:
-        raw, got = await self._transport.receive_header()
+        header, payload, got = await self._transport.receive_message()
         try:
-            header = Header.decode(raw)
-            payload = await self._transport.receive_exactly(header.size) if header.size else b""
             return self._protocol.backend_reply(code, header, payload, nfds=len(got))
         finally:
             for owned in got:
@@ -168,13 +164,6 @@ class BackendChannel:
             BackendChannelClosed, BackendRequestFailed: as :meth:`request`.
         """
         await self.request(BackendReq.CONFIG_CHANGE_MSG)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError as exc:  # pragma: no cover - the fd was just received
-        LOGGER.debug("closing a bad back-end channel fd: %s", exc)
 
 
 @final

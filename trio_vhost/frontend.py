@@ -40,7 +40,6 @@ from .proto.messages import (
     VringState,
 )
 from .proto.messages_ext import SharedMemoryRegions
-from .proto.wire import Header
 from .vring.driver import DriverQueue
 
 __all__ = ["DriverVring", "Frontend", "RequestNacked", "VringFailed"]
@@ -116,10 +115,8 @@ class Frontend:
         await self.transport.send(data, fds)
         if not self.codec.awaiting_reply:
             return None
-        raw, got = await self.transport.receive_header()
+        header, payload, got = await self.transport.receive_message()
         try:
-            header = Header.decode(raw)
-            payload = await self.transport.receive_exactly(header.size) if header.size else b""
             reply = self.codec.reply(header, payload, nfds=len(got))
         finally:
             for owned in got:
@@ -287,10 +284,8 @@ class Frontend:
         request = Inflight(0, 0, num_queues, queue_size)
         data = self.codec.request(FrontendReq.GET_INFLIGHT_FD, request, need_reply=False)
         await self.transport.send(data)
-        raw, got = await self.transport.receive_header()
+        header, payload, got = await self.transport.receive_message()
         try:
-            header = Header.decode(raw)
-            payload = await self.transport.receive_exactly(header.size) if header.size else b""
             reply = self.codec.reply(header, payload, nfds=len(got))
             if not isinstance(reply, Inflight):  # pragma: no cover - the codec checks kinds
                 raise VhostUserError(f"GET_INFLIGHT_FD answered with {reply!r}")

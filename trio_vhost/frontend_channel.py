@@ -18,7 +18,6 @@ import trio
 from ._io.transport import UnixTransport
 from .errors import ClientExit
 from .proto.frontend_codec import BackendRequest
-from .proto.wire import Header
 
 if TYPE_CHECKING:
     from .proto.frontend_codec import FrontendCodec
@@ -55,12 +54,10 @@ class FrontendChannelEnd:
         """
         while True:
             try:
-                raw, fds = await self.transport.receive_header()
+                header, body, fds = await self.transport.receive_message()
             except (ClientExit, trio.ClosedResourceError):
                 return
             try:
-                header = Header.decode(raw)
-                body = await self.transport.receive_exactly(header.size) if header.size else b""
                 request = self._codec.receive_backend_request(header, body, fds)
                 self.received.append(request)
                 answer = await handler(request)

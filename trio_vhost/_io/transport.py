@@ -38,6 +38,7 @@ from trio_vhost._io._socket import (
 )
 from trio_vhost.errors import ClientExit, Disconnect, LocalProtocolError, RemoteProtocolError
 from trio_vhost.proto.constants import HEADER_SIZE, MAX_FDS
+from trio_vhost.proto.wire import Header
 
 __all__ = [
     "Buffer",
@@ -182,6 +183,24 @@ class UnixTransport(trio.abc.AsyncResource):
                     self._receive_broken = f"a receive failed inside a header: {exc!r}"
                 raise
             return bytes(buf), fds
+
+    async def receive_message(self) -> tuple[Header, bytes, list[OwnedFd]]:
+        """Receive a whole message: its header, its body and the fds that came with it.
+
+        For the side that trusts the header's size (a frontend reading a backend's reply or
+        back-end request); the backend validates each header before reading a body. The
+        caller owns the fds; if anything fails they are closed. Raises as
+        :meth:`receive_header` and :meth:`receive_exactly`, and
+        :class:`RemoteProtocolError` for a header that does not decode.
+        """
+        raw, fds = await self.receive_header()
+        try:
+            header = Header.decode(raw)
+            body = await self.receive_exactly(header.size) if header.size else b""
+        except BaseException:
+            close_all(fds)
+            raise
+        return header, body, fds
 
     async def receive_exactly(self, n: int) -> bytes:
         """Receive exactly ``n`` bytes: the body of the message whose header came last.
